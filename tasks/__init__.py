@@ -1,0 +1,1 @@
+"""The paper's six downstream tasks, one self-contained file each."""
