@@ -5,12 +5,21 @@ from __future__ import annotations
 import re
 import unicodedata
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import numpy as np
 
 
 class SynthesisError(ValueError):
-    """Text that a backend cannot say, or a backend that cannot run; the message names the text."""
+    """Text that a backend cannot say; the message names the text (truncated).
+
+    Callers may skip a record on this error, so it must never stand for a broken backend:
+    that is `BackendError`.
+    """
+
+
+class BackendError(RuntimeError):
+    """The backend itself cannot run (not installed, crashed, timed out): never skipped silently."""
 
 
 _ALLOWED = re.compile(r"^[a-z0-9 .,;:!?'\"()\-]*$")
@@ -29,6 +38,8 @@ def normalize_text(text: str, *, max_chars: int = 400) -> str:
     """
     if text is None:
         raise SynthesisError("no text to synthesise (None)")
+    if not isinstance(text, str):
+        raise SynthesisError(f"text must be a string, got {type(text).__name__}")
     norm = unicodedata.normalize("NFKC", text).lower()
     norm = norm.replace("\u2019", "'").replace("\u2018", "'").replace("\u201c", '"').replace("\u201d", '"')
     norm = " ".join(norm.split())
@@ -47,15 +58,41 @@ def normalize_text(text: str, *, max_chars: int = 400) -> str:
 class Synthesizer(ABC):
     """`synthesize(text) -> (float32 mono waveform, sample_rate)`.
 
-    `cache_params()` must name everything that changes the sound (voice and settings), since the
-    synthesis cache keys on it: two configurations that sound different must never share entries.
+    Backends implement `_synthesize` on text that `synthesize` has already normalised and checked,
+    so no backend can be reached with unchecked text, and every result passes the same
+    post-condition. `cache_params()` must name everything that changes the sound (voice and
+    settings), since the synthesis cache keys on it: two configurations that sound different must
+    never share entries. Heavy resources (a loaded voice, a model) are loaded lazily and left out of
+    the pickled state, so each data-loader worker loads its own.
     """
 
     name: str = "base"
+    max_chars: int = 400
+
+    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        """Say `text`; SynthesisError for text that cannot be said, never an empty waveform."""
+        norm = normalize_text(text, max_chars=self.max_chars)
+        wav, sr = self._synthesize(norm)
+        return self._checked(wav, sr, norm)
+
+    def synthesize_many(self, texts: Sequence[str]) -> list[tuple[np.ndarray, int]]:
+        """Say several texts; backends with a per-call start-up cost override `_synthesize_many`.
+
+        Raises on the first text that fails; the cache then falls back to one text at a time to
+        find which.
+        """
+        norms = [normalize_text(t, max_chars=self.max_chars) for t in texts]
+        if not norms:
+            return []
+        out = self._synthesize_many(norms)
+        return [self._checked(w, sr, t) for (w, sr), t in zip(out, norms, strict=True)]
 
     @abstractmethod
-    def synthesize(self, text: str) -> tuple[np.ndarray, int]:
-        """Say `text` (already normalised by the caller or not); never return an empty waveform."""
+    def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        """Say normalised `text`: (waveform, sample_rate) at the backend's own rate."""
+
+    def _synthesize_many(self, texts: list[str]) -> list[tuple[np.ndarray, int]]:
+        return [self._synthesize(t) for t in texts]
 
     @abstractmethod
     def cache_params(self) -> dict:
@@ -67,3 +104,7 @@ class Synthesizer(ABC):
         if wav.size == 0 or not np.isfinite(wav).all() or float(np.abs(wav).max()) < 1e-4:
             raise SynthesisError(f"{self.name} produced no usable audio for {_excerpt(text)!r}")
         return wav, int(sr)
+
+    def __repr__(self) -> str:
+        params = ", ".join(f"{k}={v!r}" for k, v in self.cache_params().items())
+        return f"{type(self).__name__}({params})"

@@ -1,0 +1,97 @@
+"""One entry point: LightningCLI for the training stages, jsonargparse for the other commands.
+
+`python -m rewiring fit|validate|test|predict --config ...` goes to `RewiringCLI` (LightningCLI,
+subclass mode: the model and data module are picked by `class_path` in the YAML).
+`python -m rewiring prepare|synthesize|isotropy|sweep|compare|bench ...` go to plain functions
+whose signatures jsonargparse turns into arguments, so there is no hand-written parser anywhere.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class RewiringCLI(LightningCLI):
+    """LightningCLI with the project's defaults: subclass mode, config saved into the run folder."""
+
+    def __init__(self, args=None, run: bool = True, **kwargs):
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            run=run,
+            auto_configure_optimizers=False,
+            **kwargs,
+        )
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> RewiringCLI:
+    """The training entry, callable from tests (`args` as on the command line, without `python -m`)."""
+    return RewiringCLI(args=args, run=run)
+
+
+def _commands() -> dict[str, Callable]:
+    # Imported here so `fit` never pays for modules it does not use.
+    from rewiring.commands import bench, compare, isotropy, prepare, synthesize
+
+    return {
+        "prepare": prepare,
+        "synthesize": synthesize,
+        "isotropy": isotropy,
+        "compare": compare,
+        "bench": bench,
+    }
+
+
+USAGE = """usage: rewiring <command> [options]      (same as python -m rewiring)
+
+training stages (LightningCLI; stack configs with several --config, the last one wins):
+  fit         pre-train, rewire or fine-tune: python -m rewiring fit --config conf/base.yaml ...
+  validate    evaluate a checkpoint on the dev set (--ckpt_path)
+  test        evaluate a checkpoint on the test set (--ckpt_path)
+  predict     run a checkpoint over a manifest
+
+other commands:
+  prepare     build manifests: `prepare embedded --out DIR` or `prepare <corpus> --root PATH --out DIR`
+  synthesize  TTS one text to a file, or fill the synthesis cache for a manifest
+  isotropy    isotropy profile (per layer) of any HF speech encoder on a manifest
+  sweep       plan and run baseline vs rewired fine-tuning over splits and seeds
+  compare     read run folders and write the comparison report (tables and plots)
+  bench       measure throughput, framework overhead and scaling
+
+`rewiring <command> --help` gives each command's options.
+"""
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    if argv[0] in TRAINER_COMMANDS or argv[0].startswith("-"):
+        cli_main(argv)
+        return
+    if argv[0] == "sweep":
+        # The sweep's YAML is its own spec (arms x tasks x splits x seeds x lrs); it parses itself.
+        from rewiring.sweep import main as sweep_main
+
+        sweep_main(argv[1:])
+        return
+    commands = _commands()
+    if argv[0] not in commands:
+        print(f"rewiring: unknown command {argv[0]!r}\n", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
+        raise SystemExit(2)
+    from jsonargparse import CLI
+
+    CLI(commands[argv[0]], args=argv[1:], prog=f"rewiring {argv[0]}", as_positional=True)

@@ -1,0 +1,123 @@
+"""The non-training commands. Their signatures are the CLI (jsonargparse reads the type hints).
+
+Each is a thin door into the module that does the work, imported lazily so that a command
+only pays for what it uses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Literal
+
+# The real corpora and the task file whose `prepare(root, out)` adapter reads each one.
+CORPORA = {
+    "librispeech": "tasks.asr",
+    "speech_commands": "tasks.ks",
+    "fluent_speech_commands": "tasks.ic",
+    "voxceleb1": "tasks.sid",
+    "librimix": "tasks.sd",
+    "snips": "tasks.sf",
+}
+
+
+def prepare(
+    corpus: Literal["embedded", "librispeech", "speech_commands", "fluent_speech_commands", "voxceleb1", "librimix", "snips"],
+    out: str = "data/manifests",
+    root: str | None = None,
+    size: Literal["tiny", "small", "full"] = "small",
+    seed: int = 0,
+) -> None:
+    """Turn a corpus into JSONL manifests under OUT.
+
+    Args:
+        corpus: `embedded` (synthesised here, offline) or a real corpus read from a local folder.
+        out: folder for the manifests.
+        root: the real corpus's local folder (not used for `embedded`).
+        size: embedded corpus size: tiny (tests), small (the demo), full.
+        seed: embedded corpus seed.
+    """
+    if corpus == "embedded":
+        from rewiring.corpus import prepare_embedded
+
+        prepare_embedded(out=out, size=size, seed=seed)
+        return
+    if root is None:
+        raise SystemExit(f"prepare {corpus}: --root PATH (the corpus's local folder) is required")
+    summary = importlib.import_module(CORPORA[corpus]).prepare(root=root, out=out)
+    for split, n in summary.items():
+        print(f"{corpus} {split}: {n}")
+
+
+def synthesize(
+    backend: Literal["piper", "festival", "espeak", "coqui"] = "piper",
+    text: str | None = None,
+    manifest: str | None = None,
+    out: str | None = None,
+    cache_dir: str = "cache/tts",
+    voice: str | None = None,
+    model_path: str | None = None,
+    config_path: str | None = None,
+) -> None:
+    """Synthesise TEXT into OUT (a wav), or fill the cache for every text in MANIFEST.
+
+    Args:
+        backend: piper (default, neural, pip-only), festival (the paper's voice), espeak, coqui.
+        text: one text to say (with --out).
+        manifest: a manifest whose `text` fields fill the cache, with a progress bar.
+        out: output wav for --text.
+        cache_dir: the synthesis cache.
+        voice: espeak voice (en-us+m3), festival voice, or coqui speaker.
+        model_path: piper .onnx voice or coqui model file/folder.
+        config_path: coqui config.json for a local model.
+    """
+    from rewiring.synthesis.command import synthesize_command
+
+    options = {k: v for k, v in {"voice": voice, "model_path": model_path, "config_path": config_path}.items() if v}
+    synthesize_command(backend=backend, text=text, manifest=manifest, out=out, cache_dir=cache_dir, **options)
+
+
+def isotropy(
+    encoder: str = "data/encoders/tiny",
+    manifest: str = "data/embedded/small/unlabelled/heldout.jsonl",
+    out: str = "reports/isotropy.json",
+    layers: str = "all",
+    max_items: int = 256,
+) -> None:
+    """Isotropy profile (IsoScore, effective rank, I(W), average cosine) of ENCODER, per layer.
+
+    Args:
+        encoder: an HF hub name or a local encoder folder (e.g. a rewired export).
+        manifest: utterances to embed.
+        out: JSON file for the report.
+        layers: `all`, or a comma-separated list of hidden-state indices.
+        max_items: utterances read from the manifest (seeded sample).
+    """
+    from rewiring.isotropy import encoder_profile
+
+    chosen = "all" if layers == "all" else [int(x) for x in layers.split(",")]
+    encoder_profile(encoder=encoder, manifest=manifest, layers=chosen, max_items=max_items, out=out)
+
+
+def compare(runs_dir: str, out: str = "reports/latest") -> None:
+    """Read the run folders under RUNS_DIR and write report.md and PNG plots into OUT.
+
+    Args:
+        runs_dir: the sweep's runs folder.
+        out: report folder.
+    """
+    from rewiring.report import write_report
+
+    path = write_report(runs_dir=runs_dir, out=out)
+    print(f"report: {path}")
+
+
+def bench(out: str = "benchmarks", quick: bool = False) -> None:
+    """Measure framework overhead, the data pipeline, scaling and sweep overhead.
+
+    Args:
+        out: folder for results.md and results.json.
+        quick: fewer repeats (a smoke run, not for reporting).
+    """
+    from benchmarks.run import run_benchmarks
+
+    run_benchmarks(out=out, quick=quick)
