@@ -159,7 +159,9 @@ def pad_batch(wavs: list[torch.Tensor]) -> WaveBatch:
         raise ValueError("pad_batch needs at least one waveform")
     bad = [i for i, w in enumerate(wavs) if w.dim() != 1]
     if bad:
-        raise ValueError(f"pad_batch expects 1-D waveforms; items {bad[:5]} have shapes {[tuple(wavs[i].shape) for i in bad[:5]]}")
+        raise ValueError(
+            f"pad_batch expects 1-D waveforms; items {bad[:5]} have shapes {[tuple(wavs[i].shape) for i in bad[:5]]}"
+        )
     lengths = torch.tensor([w.shape[0] for w in wavs], dtype=torch.long)
     waveforms = torch.nn.utils.rnn.pad_sequence([w.to(torch.float32) for w in wavs], batch_first=True)
     t = waveforms.shape[1]

@@ -102,10 +102,14 @@ class Record:
                 raise ValueError(f"field {name!r} must be a string or null, got {_type_name(v)}")
         if self.labels is not None:
             if not isinstance(self.labels, dict):
-                raise ValueError(f"field 'labels' must be an object of strings, got {_type_name(self.labels)}")
+                raise ValueError(
+                    f"field 'labels' must be an object of strings, got {_type_name(self.labels)}"
+                )
             for k, v in self.labels.items():
                 if not isinstance(k, str) or not isinstance(v, str):
-                    raise ValueError(f"field 'labels' must map strings to strings, got {k!r}: {_type_name(v)}")
+                    raise ValueError(
+                        f"field 'labels' must map strings to strings, got {k!r}: {_type_name(v)}"
+                    )
         if self.segments is not None:
             self.segments = self._check_segments(self.segments)
         if self.slots is not None:
@@ -116,7 +120,9 @@ class Record:
     @staticmethod
     def _check_segments(segments: Any) -> list[list]:
         if not isinstance(segments, (list, tuple)):
-            raise ValueError(f"field 'segments' must be a list of [speaker, start, end], got {_type_name(segments)}")
+            raise ValueError(
+                f"field 'segments' must be a list of [speaker, start, end], got {_type_name(segments)}"
+            )
         out = []
         for i, seg in enumerate(segments):
             if not isinstance(seg, (list, tuple)) or len(seg) != 3:
@@ -124,7 +130,9 @@ class Record:
             spk, start, end = seg
             if not isinstance(spk, str):
                 raise ValueError(f"segments[{i}] speaker must be a string, got {_type_name(spk)}")
-            if not (_is_number(start) and _is_number(end)) or not (math.isfinite(start) and math.isfinite(end)):
+            if not (_is_number(start) and _is_number(end)) or not (
+                math.isfinite(start) and math.isfinite(end)
+            ):
                 raise ValueError(f"segments[{i}] start and end must be finite numbers, got {seg!r}")
             if start < 0 or end < start:
                 raise ValueError(f"segments[{i}] needs 0 <= start <= end, got start={start} end={end}")
@@ -194,7 +202,9 @@ def read_manifest(path: str | Path) -> list[Record]:
             except (ValueError, TypeError) as e:
                 raise ManifestError(path, lineno, str(e)) from None
             if rec.id in first_line:
-                raise ManifestError(path, lineno, f"duplicate id {rec.id!r} (first on line {first_line[rec.id]})")
+                raise ManifestError(
+                    path, lineno, f"duplicate id {rec.id!r} (first on line {first_line[rec.id]})"
+                )
             first_line[rec.id] = lineno
             records.append(rec)
     return records
@@ -273,7 +283,7 @@ def _order_key(seed: int, id_: str) -> str:
 
 def _stratum(record: Record, stratify: str) -> str:
     if stratify.startswith("labels."):
-        key = stratify[len("labels."):]
+        key = stratify[len("labels.") :]
         value = (record.labels or {}).get(key)
     else:
         value = getattr(record, stratify)
@@ -306,7 +316,9 @@ def select_subset(
             raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
     target = parse_amount(amount) if amount is not None else None
     if stratify is not None and not stratify.startswith("labels.") and stratify not in _STR_FIELDS:
-        raise ValueError(f"stratify must be one of {', '.join(_STR_FIELDS)} or 'labels.<key>', got {stratify!r}")
+        raise ValueError(
+            f"stratify must be one of {', '.join(_STR_FIELDS)} or 'labels.<key>', got {stratify!r}"
+        )
     if stratify == "labels.":
         raise ValueError("stratify 'labels.<key>' needs a key, like 'labels.action'")
     if not isinstance(seed, int) or isinstance(seed, bool):

@@ -93,7 +93,11 @@ def _bad_files(tmp_path):
         "empty": (write(tmp_path / "empty.wav", np.zeros(0, np.float32), 16000), "empty", {}),
         "silent": (write(tmp_path / "silent.wav", np.zeros(1600, np.float32), 16000), "silent", {}),
         "nan": (write(tmp_path / "nan.wav", nan, 16000, subtype="FLOAT"), "NaN", {}),
-        "too_long": (write(tmp_path / "long.wav", tone(3.0, 8000), 8000), "longer than", {"max_seconds": 1.0}),
+        "too_long": (
+            write(tmp_path / "long.wav", tone(3.0, 8000), 8000),
+            "longer than",
+            {"max_seconds": 1.0},
+        ),
         "offset_past_end": (write(tmp_path / "short.wav", tone(0.2, 16000), 16000), "empty", {"offset": 1.0}),
     }
 
