@@ -1,0 +1,61 @@
+# `make demo` runs the whole experiment on the embedded corpus; `make test` runs the tests.
+# Both set up .venv first (a second `make setup` is a quick no-op).
+PY      := .venv/bin/python
+PIP     := .venv/bin/pip
+STAMP   := .venv/.setup-stamp
+SWEEP   ?= demo
+CORPUS  ?= data/embedded/small
+# torch and torchaudio are pinned on every pip line, or pip moves them.
+TORCH   := "torch==2.9.1" "torchaudio==2.9.1"
+
+.PHONY: setup test lint demo corpus pretrain rewire sweep compare bench tensorboard lock clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt $(TORCH)
+	$(PIP) install -q --disable-pip-version-check -c constraints.txt $(TORCH) -e ".[offline,dev]"
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: setup
+	.venv/bin/ruff check .
+
+corpus: setup
+	$(PY) -m rewiring prepare embedded --out $(CORPUS) --size small
+
+data/encoders/tiny/config.json: | setup
+	$(PY) -m rewiring fit --config conf/base.yaml --config conf/encoder/tiny-random.yaml --config conf/stages/pretrain.yaml
+
+pretrain: setup corpus data/encoders/tiny/config.json
+
+rewire: pretrain
+	$(PY) -m rewiring fit --config conf/base.yaml --config conf/encoder/tiny.yaml --config conf/stages/rewire.yaml
+
+sweep: pretrain
+	$(PY) -m rewiring sweep --config conf/sweep/$(SWEEP).yaml
+
+# The whole experiment: corpus, pre-training, rewiring, sweep and report.
+demo: pretrain
+	$(PY) -m rewiring sweep --config conf/sweep/demo.yaml
+	@echo "report:      reports/demo/report.md"
+	@echo "tensorboard: make tensorboard   (logs in runs/)"
+
+compare: setup
+	$(PY) -m rewiring compare runs/$(SWEEP) --out reports/$(SWEEP)
+
+bench: setup
+	$(PY) -m rewiring bench --out benchmarks
+
+tensorboard: setup
+	.venv/bin/tensorboard --logdir runs --port 6006
+
+# Re-pin: freeze the working .venv into constraints.txt.
+lock: setup
+	$(PIP) freeze --exclude-editable | sed '1i # Exact versions known to work together (pip freeze of .venv). Regenerate with `make lock`.' > constraints.txt
+
+clean:
+	rm -rf runs reports lightning_logs

@@ -1,0 +1,411 @@
+"""The rewiring stage: contrastive pairs built in the data pipeline, NT-Xent over pooled views.
+
+Positive pairs are made by the data module, as Mirror-BERT does (the model never knows how a
+pair was built):
+- twin: the utterance, and a copy with one contiguous span of `span_share` of its samples zeroed;
+- neutral: the utterance, and a neutral TTS reading of its text (synthesised in the data-loader
+  workers, through the content-addressed cache);
+- mixed: a seeded coin per utterance picks twin or neutral.
+Both views also get their own time masks over feature frames, drawn in the collate (the frame
+count follows from the conv layout) and applied by the encoder through `mask_time_indices`.
+Every other utterance in the (global, under DDP) batch is a negative.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from rewiring.audio import BadAudio, load_or_skip, pad_batch
+from rewiring.encoder import SpeechEncoder
+from rewiring.manifest import Record, audio_path, read_manifest
+from rewiring.masking import frame_lengths, span_mask, time_masks
+from rewiring.synthesis import SynthesisCache, SynthesisError, Synthesizer
+
+log = logging.getLogger(__name__)
+
+Pairing = Literal["twin", "neutral", "mixed"]
+WAV2VEC2_KERNELS = (10, 3, 3, 3, 3, 2, 2)
+WAV2VEC2_STRIDES = (5, 2, 2, 2, 2, 2, 2)
+
+
+def resolve_manifest(manifest: str | Path) -> Path:
+    """The manifest path; an embedded corpus (`.../embedded/<size>/...`) is built on first use."""
+    path = Path(manifest)
+    if not path.exists():
+        root = path.parent.parent
+        if root.name in ("tiny", "small", "full") and root.parent.name == "embedded":
+            from rewiring.corpus import ensure_corpus
+
+            ensure_corpus(root)
+        if not path.exists():
+            raise FileNotFoundError(f"manifest not found: {path} (make one with `python -m rewiring prepare`)")
+    return path
+
+
+def _coin(seed: int, key: str) -> bool:
+    """A fair coin that depends only on (seed, key): the same pairing on every machine and worker."""
+    return hashlib.sha256(f"{seed}:{key}".encode()).digest()[0] < 128
+
+
+class PairDataset(Dataset):
+    """One positive pair per item; `None` (counted by reason in the batch) when an item can't be paired."""
+
+    def __init__(
+        self,
+        manifest: Path,
+        records: list[Record],
+        pairing: Pairing,
+        cache: SynthesisCache | None,
+        span_share: float,
+        seed: int,
+        halve_over: float | None,
+        on_bad_audio: BadAudio,
+    ) -> None:
+        self.manifest = manifest
+        self.pairing = pairing
+        self.cache = cache
+        self.span_share = span_share
+        self.seed = seed
+        self.on_bad_audio = on_bad_audio
+        # The paper cuts utterances over `halve_over` seconds in half: both halves become items,
+        # and the TTS view is cut the same way.
+        self.items: list[tuple[Record, int, int]] = []
+        for rec in records:
+            parts = 2 if halve_over is not None and rec.duration > halve_over else 1
+            self.items.extend((rec, k, parts) for k in range(parts))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def kind(self, rec: Record) -> str:
+        if self.pairing == "mixed":
+            return "twin" if _coin(self.seed, rec.id) else "neutral"
+        return self.pairing
+
+    @staticmethod
+    def _part(wav: Tensor, k: int, parts: int) -> Tensor:
+        if parts == 1:
+            return wav
+        half = wav.shape[-1] // 2
+        return wav[:half] if k == 0 else wav[half:]
+
+    def __getitem__(self, i: int) -> dict | tuple[None, str]:
+        rec, k, parts = self.items[i]
+        kind = self.kind(rec)
+        if kind == "neutral" and not rec.text:
+            log.warning("no text to synthesise for %s (%s): skipped", rec.id, self.manifest)
+            return (None, "no_text")
+        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio)
+        if wav is None:
+            return (None, "bad_audio")
+        wav = self._part(wav, k, parts)
+        if kind == "twin":
+            other = span_mask(wav, self.span_share)
+        else:
+            try:
+                other = self._part(self.cache.get(rec.text), k, parts)
+            except SynthesisError as err:
+                log.warning("cannot synthesise %s (%s): %s; skipped", rec.id, self.manifest, err)
+                return (None, "unsayable")
+        return {"id": rec.id, "kind": kind, "view1": wav, "view2": other}
+
+
+class PairCollate:
+    """Pads each view in the batch and draws independent time masks for each (padding never masked)."""
+
+    def __init__(self, conv_kernel, conv_stride, mask_prob: float, mask_span: int, min_masks: int) -> None:
+        self.conv_kernel = tuple(conv_kernel)
+        self.conv_stride = tuple(conv_stride)
+        self.mask_prob = mask_prob
+        self.mask_span = mask_span
+        self.min_masks = min_masks
+
+    def _view(self, wavs: list[Tensor]) -> dict:
+        batch = pad_batch(wavs)
+        frames = frame_lengths(batch.lengths, self.conv_kernel, self.conv_stride)
+        n_frames = int(frame_lengths(batch.waveforms.shape[-1], self.conv_kernel, self.conv_stride))
+        mask = None
+        if self.mask_prob > 0:
+            mask = time_masks(frames, n_frames, self.mask_prob, self.mask_span, self.min_masks)
+        return {"waveforms": batch.waveforms, "attention_mask": batch.attention_mask, "mask_time_indices": mask}
+
+    def __call__(self, items: list) -> dict:
+        good = [it for it in items if isinstance(it, dict)]
+        skipped = Counter(it[1] for it in items if not isinstance(it, dict))
+        out = {"ids": [it["id"] for it in good], "skipped": dict(skipped), "size": len(good)}
+        if len(good) >= 2:
+            out["view1"] = self._view([it["view1"] for it in good])
+            out["view2"] = self._view([it["view2"] for it in good])
+            out["n_neutral"] = sum(it["kind"] == "neutral" for it in good)
+        return out
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar length, so padding stays small; a new shuffle every epoch.
+
+    Shuffle, sort by duration inside windows of 50 batches, cut into batches, shuffle the batches.
+    Only full batches are kept (every anchor needs the same number of negatives).
+    """
+
+    def __init__(self, durations: list[float], batch_size: int, seed: int, window: int = 50) -> None:
+        self.durations = torch.tensor(durations)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.window = window * batch_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.durations) // self.batch_size
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.durations), generator=g)
+        batches = []
+        for start in range(0, len(order), self.window):
+            chunk = order[start : start + self.window]
+            chunk = chunk[torch.argsort(self.durations[chunk], stable=True)]
+            batches += [chunk[k : k + self.batch_size].tolist() for k in range(0, len(chunk), self.batch_size)]
+        batches = [b for b in batches if len(b) == self.batch_size]
+        for p in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[p]
+
+
+class RewiringDataModule(LightningDataModule):
+    """Unlabelled manifest -> positive pairs (twin | neutral | mixed), each view with its own time masks.
+
+    Args:
+        manifest: unlabelled utterances (with `text` for the neutral pairing).
+        pairing: twin, neutral or mixed (the paper's three).
+        synthesizer: the neutral voice (piper by default; festival for the paper's setup).
+        cache_dir: the synthesis cache folder (shared by every worker and run).
+        span_share: share of the waveform zeroed in the twin view (the paper: 0.2).
+        mask_prob, mask_span, min_masks: time masks over feature frames (the paper: 0.05, 10, 2).
+            mask_prob=0 turns them off.
+        max_seconds: skip utterances longer than this (the paper: 11.25).
+        halve_over: cut utterances longer than this in half, both views alike (the paper: 5.625).
+        batch_size: pairs per step (the paper: 4); each anchor has 2*batch_size-2 negatives.
+        num_workers: data-loader workers (TTS runs there, not on the main process).
+        seed: the mixed pairing's coin.
+        on_bad_audio: `error` stops at a bad file (naming it); `skip` logs and counts it.
+        conv_kernel, conv_stride: the encoder's conv layout (wav2vec 2.0's; checked against the
+            encoder at fit start), so masks match its frame count.
+        bucket_by_length: sort each epoch's batches by length so padding stays small.
+    """
+
+    def __init__(
+        self,
+        manifest: str = "data/embedded/small/unlabelled/train.jsonl",
+        pairing: Pairing = "neutral",
+        synthesizer: Synthesizer | None = None,
+        cache_dir: str = "cache/tts",
+        span_share: float = 0.2,
+        mask_prob: float = 0.05,
+        mask_span: int = 10,
+        min_masks: int = 2,
+        max_seconds: float | None = None,
+        halve_over: float | None = None,
+        batch_size: int = 4,
+        num_workers: int = 2,
+        seed: int = 0,
+        on_bad_audio: BadAudio = "skip",
+        conv_kernel: list[int] = list(WAV2VEC2_KERNELS),
+        conv_stride: list[int] = list(WAV2VEC2_STRIDES),
+        bucket_by_length: bool = False,
+    ) -> None:
+        super().__init__()
+        if not 0 <= span_share < 1:
+            raise ValueError(f"data.span_share must be in [0, 1), got {span_share}")
+        if batch_size < 2:
+            raise ValueError(f"data.batch_size must be >= 2 (in-batch negatives), got {batch_size}")
+        self.manifest = manifest
+        self.pairing = pairing
+        self.synthesizer = synthesizer
+        self.cache_dir = cache_dir
+        self.span_share = span_share
+        self.max_seconds = max_seconds
+        self.halve_over = halve_over
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.seed = seed
+        self.on_bad_audio = on_bad_audio
+        self.bucket_by_length = bucket_by_length
+        self.collate = PairCollate(conv_kernel, conv_stride, mask_prob, mask_span, min_masks)
+        self.dataset: PairDataset | None = None
+        self.skipped_long = 0
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        path = resolve_manifest(self.manifest)
+        records = read_manifest(path)
+        if self.max_seconds is not None:
+            kept = [r for r in records if r.duration <= self.max_seconds]
+            self.skipped_long = len(records) - len(kept)
+            if self.skipped_long:
+                log.info("skipped %d utterances over %.2f s in %s", self.skipped_long, self.max_seconds, path)
+            records = kept
+        cache = None
+        if self.pairing in ("neutral", "mixed"):
+            if self.synthesizer is None:
+                from rewiring.synthesis import PiperSynthesizer
+
+                self.synthesizer = PiperSynthesizer()
+            cache = SynthesisCache(self.synthesizer, root=self.cache_dir)
+        self.dataset = PairDataset(
+            path, records, self.pairing, cache, self.span_share, self.seed, self.halve_over, self.on_bad_audio
+        )
+        if len(self.dataset) < self.batch_size:
+            raise ValueError(f"{path}: {len(self.dataset)} usable utterances, fewer than batch_size={self.batch_size}")
+
+    def train_dataloader(self) -> DataLoader:
+        common = dict(
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+        if self.bucket_by_length:
+            durations = [rec.duration / parts for rec, _, parts in self.dataset.items]
+            sampler = BucketBatchSampler(durations, self.batch_size, self.seed)
+            return DataLoader(self.dataset, batch_sampler=sampler, **common)
+        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, **common)
+
+
+def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """NT-Xent (InfoNCE, SimCLR's form): each of the 2N views must pick its partner among 2N-1 others.
+
+    Returns the mean loss and the top-1 accuracy of that choice. Similarities are cosine; the
+    logits and the softmax are computed in fp32 whatever the autocast dtype.
+    """
+    n = z1.shape[0]
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=-1)
+    logits = z @ z.T / temperature
+    logits = logits.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(z.device)
+    loss = F.cross_entropy(logits, target)
+    acc = (logits.argmax(dim=-1) == target).float().mean()
+    return loss, acc
+
+
+class RewiringModule(LightningModule):
+    """Encode both views with the one shared encoder, pool, and optimise NT-Xent over the batch.
+
+    Args:
+        encoder: the SpeechEncoder being rewired (every parameter trained unless its config freezes some).
+        temperature: NT-Xent temperature (the paper: 0.04).
+        pool_layers: which hidden states are averaged before the mean over time: `all` (the
+            paper's: the Transformer's input and every layer), `last`, or a list of indices.
+        projection_dim: a projection head (Linear-ReLU-Linear) of this size on top, or None (the paper).
+        optimizer: the optimizer factory (the paper: AdamW, lr 1e-6, weight decay 0.01, no scheduler).
+        export_dir: where the rewired encoder is saved as an HF folder at the end of fit.
+        isotropy_manifest: held-out utterances whose isotropy is measured before and after
+            (written to `<export_dir>/isotropy.json`); None to skip.
+    """
+
+    def __init__(
+        self,
+        encoder: SpeechEncoder,
+        temperature: float = 0.04,
+        pool_layers: Literal["all", "last"] | list[int] = "all",
+        projection_dim: int | None = None,
+        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.01),
+        export_dir: str | None = None,
+        isotropy_manifest: str | None = None,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"model.temperature must be > 0, got {temperature}")
+        self.save_hyperparameters(ignore=["encoder", "optimizer"])
+        self.encoder = encoder
+        self.temperature = temperature
+        self.pool_layers = pool_layers
+        self.optimizer = optimizer
+        self.export_dir = export_dir
+        self.isotropy_manifest = isotropy_manifest
+        self.projection = None
+        if projection_dim is not None:
+            d = encoder.hidden_size
+            self.projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, projection_dim))
+        self.skipped: Counter = Counter()
+        self._isotropy_before: dict | None = None
+
+    def embed(self, view: dict) -> Tensor:
+        """Pooled utterance vectors: the chosen hidden states averaged, then the mean over valid frames."""
+        out = self.encoder(view["waveforms"], view["attention_mask"], view.get("mask_time_indices"))
+        hidden = out.hidden_states
+        if self.pool_layers == "all":
+            frames = torch.stack(hidden).mean(0)
+        elif self.pool_layers == "last":
+            frames = hidden[-1]
+        else:
+            frames = torch.stack([hidden[i] for i in self.pool_layers]).mean(0)
+        mask = out.frame_mask.unsqueeze(-1).to(frames.dtype)
+        pooled = (frames * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.projection(pooled) if self.projection is not None else pooled
+
+    def _gather(self, z: Tensor) -> Tensor:
+        """Under DDP, every rank's embeddings, with gradients, so negatives come from the global batch."""
+        if self.trainer is None or self.trainer.world_size == 1:
+            return z
+        return self.all_gather(z, sync_grads=True).flatten(0, 1)
+
+    def on_fit_start(self) -> None:
+        dm = self.trainer.datamodule
+        collate = getattr(dm, "collate", None)
+        if isinstance(collate, PairCollate):
+            kernels, strides = self.encoder.conv_layout
+            if tuple(kernels) != collate.conv_kernel or tuple(strides) != collate.conv_stride:
+                raise ValueError(
+                    f"data.conv_kernel/conv_stride {collate.conv_kernel}/{collate.conv_stride} do not match the "
+                    f"encoder's conv layout {tuple(kernels)}/{tuple(strides)}: set them to the encoder's"
+                )
+        if self.isotropy_manifest and self.trainer.is_global_zero:
+            self._isotropy_before = self._isotropy()
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        for reason, n in batch["skipped"].items():
+            self.skipped[reason] += n
+        if self.skipped:
+            self.log("data/skipped", float(sum(self.skipped.values())), reduce_fx="max")
+        if batch["size"] < 2:
+            return None  # nothing to contrast; Lightning skips the step
+        z1 = self._gather(self.embed(batch["view1"]))
+        z2 = self._gather(self.embed(batch["view2"]))
+        loss, acc = nt_xent(z1, z2, self.temperature)
+        self.log("train/loss", loss, prog_bar=True, batch_size=z1.shape[0])
+        self.log("train/match_acc", acc, prog_bar=True, batch_size=z1.shape[0])
+        self.log("train/neutral_share", batch["n_neutral"] / batch["size"], batch_size=z1.shape[0])
+        return loss
+
+    def configure_optimizers(self):
+        return self.optimizer(self.parameters())
+
+    def _isotropy(self) -> dict:
+        from rewiring.isotropy import encoder_profile
+
+        return encoder_profile(self.encoder, resolve_manifest(self.isotropy_manifest), layers="pooled")
+
+    def on_fit_end(self) -> None:
+        if self.skipped:
+            log.warning("rewiring skipped %s", dict(self.skipped))
+        if not self.export_dir or not self.trainer.is_global_zero:
+            return
+        out = Path(self.export_dir)
+        self.encoder.save_pretrained(out)
+        if self.isotropy_manifest:
+            report = {"before": self._isotropy_before, "after": self._isotropy(), "skipped": dict(self.skipped)}
+            (out / "isotropy.json").write_text(json.dumps(report, indent=2))
+        log.info("rewired encoder exported to %s", out)
+        print(f"rewired encoder exported to {out}")
