@@ -387,6 +387,8 @@ class RewiringModule(LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=z1.shape[0])
         self.log("train/match_acc", acc, prog_bar=True, batch_size=z1.shape[0])
         self.log("train/neutral_share", batch["n_neutral"] / batch["size"], batch_size=z1.shape[0])
+        # Pairs in the contrastive batch: the global batch under DDP (each anchor has 2n-2 negatives).
+        self.log("train/contrast_pairs", float(z1.shape[0]), batch_size=z1.shape[0])
         return loss
 
     def configure_optimizers(self):

@@ -1,0 +1,230 @@
+"""The rewiring stage: NT-Xent against a naive reference, pairs, masks, skips, configs, learning, export."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from rewiring.cli import cli_main
+from rewiring.encoder import TINY_CONFIG, SpeechEncoder
+from rewiring.manifest import Record, write_manifest
+from rewiring.rewire import PairCollate, RewiringDataModule, RewiringModule, nt_xent
+from rewiring.synthesis import EspeakSynthesizer
+
+SENTENCES = [
+    "turn on the lights in the kitchen",
+    "play some music by the beatles",
+    "what is the weather like tomorrow",
+    "set an alarm for seven in the morning",
+    "the quick brown fox jumps over the lazy dog",
+    "please call my mother this evening",
+    "how far is the nearest station",
+    "book a table for two at eight",
+]
+VOICES = ["en-us+m3", "en-gb+f2", "en-sc+m1", "en-us+f4"]
+
+
+def naive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
+    """NT-Xent written out term by term: -log(exp(s(i,p)/t) / sum_{k != i} exp(s(i,k)/t)), averaged."""
+    z = torch.cat([z1, z2]).double()
+    n2 = z.shape[0]
+    n = n2 // 2
+    total = 0.0
+    for i in range(n2):
+        partner = (i + n) % n2
+        sims = [float(torch.dot(z[i], z[k]) / (z[i].norm() * z[k].norm())) / t for k in range(n2)]
+        denom = sum(math.exp(sims[k]) for k in range(n2) if k != i)
+        total += -math.log(math.exp(sims[partner]) / denom)
+    return total / n2
+
+
+def test_nt_xent_matches_naive_reference():
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(5, 16, generator=g), torch.randn(5, 16, generator=g)
+    for t in (0.04, 0.5, 1.0):
+        loss, acc = nt_xent(z1, z2, t)
+        assert loss.item() == pytest.approx(naive_nt_xent(z1, z2, t), rel=1e-5)
+        assert 0.0 <= acc.item() <= 1.0
+
+
+def test_nt_xent_perfect_pairs_give_full_accuracy():
+    z1 = torch.eye(4) * 3
+    loss, acc = nt_xent(z1, z1.clone(), 0.04)
+    assert acc.item() == 1.0
+    assert loss.item() < 1e-3
+
+
+@pytest.fixture(scope="module")
+def unlabelled(tmp_path_factory) -> Path:
+    """Eight spoken sentences (espeak voices) plus one with no text and one the TTS can't say."""
+    root = tmp_path_factory.mktemp("unlabelled")
+    (root / "audio").mkdir()
+    records = []
+    for i, text in enumerate(SENTENCES):
+        wav, sr = EspeakSynthesizer(voice=VOICES[i % len(VOICES)]).synthesize(text)
+        sf.write(root / "audio" / f"u{i}.wav", wav, sr)
+        records.append(Record(id=f"u{i}", audio=f"audio/u{i}.wav", duration=len(wav) / sr, text=text))
+    wav = np.asarray(sf.read(root / "audio" / "u0.wav")[0], dtype=np.float32)
+    sf.write(root / "audio" / "notext.wav", wav, 22050)
+    records.append(Record(id="notext", audio="audio/notext.wav", duration=len(wav) / 22050))
+    records.append(Record(id="weird", audio="audio/notext.wav", duration=len(wav) / 22050, text="日本語"))
+    write_manifest(root / "train.jsonl", records)
+    return root / "train.jsonl"
+
+
+def _dm(manifest: Path, pairing: str, tmp_path: Path, **kw) -> RewiringDataModule:
+    dm = RewiringDataModule(
+        manifest=str(manifest),
+        pairing=pairing,
+        synthesizer=EspeakSynthesizer(voice="en-us"),
+        cache_dir=str(tmp_path / "tts"),
+        batch_size=4,
+        num_workers=0,
+        **kw,
+    )
+    dm.setup("fit")
+    return dm
+
+
+def test_twin_pairs_zero_one_span(unlabelled, tmp_path):
+    dm = _dm(unlabelled, "twin", tmp_path, span_share=0.2)
+    item = dm.dataset[0]
+    v1, v2 = item["view1"], item["view2"]
+    assert v1.shape == v2.shape
+    changed = (v1 != v2).nonzero().flatten()
+    zeroed = (v2 == 0) & (v1 != 0)
+    assert zeroed.any()
+    # one contiguous span, of at most 20% of the samples
+    assert changed.max() - changed.min() + 1 <= round(0.2 * len(v1))
+
+
+def test_neutral_pairs_come_from_the_cache_and_skips_are_counted(unlabelled, tmp_path):
+    dm = _dm(unlabelled, "neutral", tmp_path)
+    items = [dm.dataset[i] for i in range(len(dm.dataset))]
+    good = [it for it in items if isinstance(it, dict)]
+    reasons = sorted(it[1] for it in items if not isinstance(it, dict))
+    assert reasons == ["no_text", "unsayable"]
+    assert len(good) == len(SENTENCES)
+    assert dm.dataset.cache.misses == len(SENTENCES)
+    dm.dataset[0]
+    assert dm.dataset.cache.hits == 1
+    # the TTS view is a different waveform, not the utterance itself
+    assert good[0]["view1"].shape != good[0]["view2"].shape or not torch.equal(good[0]["view1"], good[0]["view2"])
+    batch = dm.collate(items[:4] + items[-2:])
+    assert batch["skipped"] == {"no_text": 1, "unsayable": 1}
+    assert batch["size"] == 4
+
+
+def test_mixed_coin_is_seeded_and_uses_both(unlabelled, tmp_path):
+    kinds = [_dm(unlabelled, "mixed", tmp_path, seed=s).dataset.kind for s in (0, 0, 1)]
+    recs = [it[0] for it in _dm(unlabelled, "mixed", tmp_path).dataset.items]
+    a = [kinds[0](r) for r in recs]
+    assert a == [kinds[1](r) for r in recs]
+    assert {"twin", "neutral"} <= set(a + [kinds[2](r) for r in recs])
+
+
+def test_length_rules_skip_and_halve(unlabelled, tmp_path):
+    full = _dm(unlabelled, "twin", tmp_path)
+    durations = sorted(it[0].duration for it in full.dataset.items)
+    limit = durations[len(durations) // 2]
+    skipped = _dm(unlabelled, "twin", tmp_path, max_seconds=limit)
+    assert skipped.skipped_long == sum(d > limit for d in durations)
+    halved = _dm(unlabelled, "neutral", tmp_path, halve_over=limit)
+    n_long = sum(it[0].duration > limit for it in full.dataset.items)
+    assert len(halved.dataset) == len(full.dataset) + n_long
+    k = next(i for i, it in enumerate(halved.dataset.items) if it[2] == 2)
+    first, second = halved.dataset[k], halved.dataset[k + 1]
+    whole = full.dataset[[it[0].id for it in full.dataset.items].index(halved.dataset.items[k][0].id)]
+    assert first["view1"].shape[0] + second["view1"].shape[0] == whole["view1"].shape[0]
+    tts = halved.dataset.cache.get(halved.dataset.items[k][0].text)
+    assert torch.equal(torch.cat([first["view2"], second["view2"]]), tts)
+
+
+def test_collate_draws_independent_masks_never_on_padding():
+    collate = PairCollate((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2), 0.3, 5, 2)
+    items = [
+        {"id": str(i), "kind": "twin", "view1": torch.randn(n), "view2": torch.randn(n)}
+        for i, n in enumerate([16000, 24000, 32000])
+    ]
+    batch = collate(items)
+    m1, m2 = batch["view1"]["mask_time_indices"], batch["view2"]["mask_time_indices"]
+    assert m1.shape == m2.shape == (3, 99)
+    assert not torch.equal(m1, m2)
+    assert not m1[0, 49:].any() and not m1[1, 74:].any()
+
+
+def test_module_embeds_and_loss_is_finite():
+    module = RewiringModule(encoder=SpeechEncoder(TINY_CONFIG), temperature=0.1)
+    view = {"waveforms": torch.randn(3, 16000), "attention_mask": torch.ones(3, 16000, dtype=torch.long)}
+    z = module.embed(view)
+    assert z.shape == (3, TINY_CONFIG["hidden_size"])
+    loss, _ = nt_xent(z, module.embed(view), 0.1)
+    assert torch.isfinite(loss)
+
+
+BASE = ["--config", "conf/base.yaml", "--config", "conf/encoder/tiny-random.yaml", "--config", "conf/stages/rewire.yaml"]
+
+
+def _fit_args(manifest: Path, tmp_path: Path, pairing: str) -> list[str]:
+    return [
+        "fit",
+        *BASE,
+        f"--data.init_args.manifest={manifest}",
+        f"--data.init_args.pairing={pairing}",
+        "--data.init_args.synthesizer=rewiring.synthesis.EspeakSynthesizer",
+        f"--data.init_args.cache_dir={tmp_path / 'tts'}",
+        "--data.init_args.num_workers=0",
+        "--data.init_args.batch_size=4",
+        f"--model.init_args.export_dir={tmp_path / 'export'}",
+        f"--model.init_args.isotropy_manifest={manifest}",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        "--trainer.enable_progress_bar=false",
+    ]
+
+
+@pytest.mark.parametrize("pairing", ["twin", "neutral", "mixed"])
+def test_fast_dev_run_each_pairing(unlabelled, tmp_path, pairing):
+    cli_main([*_fit_args(unlabelled, tmp_path, pairing), "--trainer.fast_dev_run=true"])
+
+
+@pytest.mark.slow
+def test_short_run_learns_and_exports(unlabelled, tmp_path):
+    """A few dozen steps lower the loss and raise the matching accuracy; the export loads in plain HF."""
+    cli = cli_main(
+        [
+            *_fit_args(unlabelled, tmp_path, "neutral"),
+            "--trainer.max_steps=40",
+            "--trainer.max_epochs=-1",
+            "--trainer.log_every_n_steps=1",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'csv'}",
+            "--model.init_args.temperature=0.1",
+            "--model.init_args.optimizer=torch.optim.AdamW",
+            "--model.init_args.optimizer.lr=0.0005",
+            "--data.init_args.mask_prob=0.0",
+        ]
+    )
+    import csv
+
+    rows = list(csv.DictReader(open(Path(cli.trainer.logger.log_dir) / "metrics.csv")))
+    loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    acc = [float(r["train/match_acc"]) for r in rows if r.get("train/match_acc")]
+    assert len(loss) >= 30
+    assert np.mean(loss[-8:]) < np.mean(loss[:8])
+    assert np.mean(acc[-8:]) > np.mean(acc[:8])
+
+    from transformers import Wav2Vec2Model
+
+    export = tmp_path / "export"
+    hf = Wav2Vec2Model.from_pretrained(export).eval()
+    ours = SpeechEncoder(str(export), layers="last").eval()
+    x = torch.randn(1, 16000)
+    with torch.no_grad():
+        assert torch.allclose(ours(x).features, hf(ours._prepare(x, None)[0]).last_hidden_state, atol=1e-5)
+    iso = __import__("json").loads((export / "isotropy.json").read_text())
+    assert set(iso) >= {"before", "after"}
