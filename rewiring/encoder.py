@@ -1,0 +1,423 @@
+"""SpeechEncoder: the one backbone of every stage (pre-training, rewiring, each task).
+
+It wraps a transformers model of the wav2vec 2.0 family (wav2vec2, HuBERT, WavLM) built from a hub name,
+a local folder or a config dict, and returns frame features from a chosen layer (or the paper's uniform
+average of all hidden states, or SUPERB's learned softmax-weighted sum), a frame mask that matches them,
+and utterance vectors (mean over real frames). Stages hand encoders to each other as Hugging Face folders
+(`save_pretrained`), so a rewired encoder loads in any tool that reads wav2vec 2.0.
+
+Decisions worth knowing:
+- HF's own masking and LayerDrop are switched off in the loaded config (mask_time_prob = mask_feature_prob
+  = layerdrop = 0, apply_spec_augment = True): time masks come only through ``mask_time_indices``, drawn by
+  the caller (`rewiring.masking.time_masks`), in train and eval mode alike (HF applies passed indices in
+  eval mode too). The model is still built with its learned mask embedding (``masked_spec_embed``, which
+  HF only creates when mask_time_prob > 0), and an export restores the source's original values, so the
+  folder differs from the source only in its weights.
+- Attention mask: models with ``feat_extract_norm == "layer"`` (large-lv60 style, do_stable_layer_norm)
+  were pre-trained with padding masks and get the attention mask. ``"group"`` models (wav2vec2-base style)
+  were pre-trained without one: HF's docs say to zero-pad and pass no mask; their GroupNorm over time sees
+  the padding anyway, so a mask would hide padding the CNN features already depend on. Either way the
+  padding is zeroed, and ``frame_mask`` (from the conv length arithmetic) keeps padding out of pooling.
+- Inputs are normalised per utterance (zero mean, unit variance over real samples), as HF's
+  Wav2Vec2FeatureExtractor does with ``do_normalize`` (read from the source's preprocessor_config.json).
+- ``hidden_states`` are the transformer input plus every layer's output (num_layers + 1); the last one is
+  ``last_hidden_state`` (after the final LayerNorm of stable-layer-norm models, as in transformers 4.x).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoConfig,
+    HubertConfig,
+    HubertModel,
+    PretrainedConfig,
+    PreTrainedModel,
+    Wav2Vec2Config,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2Model,
+    WavLMConfig,
+    WavLMModel,
+)
+
+from rewiring import masking
+
+__all__ = ["TINY_CONFIG", "EncoderOutput", "SpeechEncoder", "conv_layout", "frame_lengths", "MODEL_TYPES"]
+
+log = logging.getLogger(__name__)
+
+# The model types this wrapper knows: all share the conv feature encoder and mask_time_indices.
+MODEL_TYPES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
+    "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
+    "hubert": (HubertConfig, HubertModel),
+    "wavlm": (WavLMConfig, WavLMModel),
+}
+
+# The project's tiny encoder: wav2vec2-base's conv stack (so 16 kHz -> 50 frames/s, 400-sample receptive
+# field) at 64 channels, a 4-layer, 128-d Transformer, and a small quantizer for wav2vec 2.0 pre-training.
+# Kept in sync with conf/encoder/tiny-random.yaml (a test checks).
+TINY_CONFIG: dict[str, Any] = {
+    "model_type": "wav2vec2",
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "intermediate_size": 256,
+    "conv_dim": [64, 64, 64, 64, 64, 64, 64],
+    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    "conv_bias": False,
+    "feat_extract_norm": "group",
+    "do_stable_layer_norm": False,
+    "num_conv_pos_embeddings": 32,
+    "num_conv_pos_embedding_groups": 8,
+    "num_codevector_groups": 2,
+    "num_codevectors_per_group": 64,
+    "codevector_dim": 64,
+    "proj_codevector_dim": 64,
+    "hidden_dropout": 0.1,
+    "attention_dropout": 0.1,
+    "activation_dropout": 0.0,
+    "feat_proj_dropout": 0.0,
+    "layerdrop": 0.0,
+    "mask_time_prob": 0.05,
+    "mask_time_length": 10,
+    "mask_time_min_masks": 2,
+}
+
+# Config values the wrapper overrides while it runs (HF's own augmentation off); exports restore them.
+_RUN_OVERRIDES: dict[str, Any] = {
+    "mask_time_prob": 0.0,
+    "mask_feature_prob": 0.0,
+    "layerdrop": 0.0,
+    "apply_spec_augment": True,
+}
+
+Layers = int | Literal["average", "weighted", "last"]
+
+
+@dataclass
+class EncoderOutput:
+    features: Tensor  # [B, F, D] per `layers`
+    frame_mask: Tensor  # [B, F] bool, True = real frame
+    hidden_states: tuple[Tensor, ...]  # num_layers + 1 tensors [B, F, D]
+    pooled: Tensor  # [B, D] mean of features over real frames
+
+
+def conv_layout(config: PretrainedConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(kernels, strides) of the conv feature encoder."""
+    return tuple(int(k) for k in config.conv_kernel), tuple(int(s) for s in config.conv_stride)
+
+
+def frame_lengths(config: PretrainedConfig, lengths: Tensor | int) -> Tensor:
+    """Feature frames per waveform length for this config (see `rewiring.masking.frame_lengths`)."""
+    return masking.frame_lengths(lengths, *conv_layout(config))
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else path-like is meant as a local folder."""
+    return (
+        source.startswith(("/", "./", "../", "~", "."))
+        or source.endswith("/")
+        or source.count("/") > 1
+        or "\\" in source
+    )
+
+
+def _config_from_dict(source: dict[str, Any]) -> PretrainedConfig:
+    values = dict(source)
+    model_type = values.pop("model_type", "wav2vec2")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"unsupported model_type {model_type!r}; expected one of {sorted(MODEL_TYPES)}")
+    config_cls = MODEL_TYPES[model_type][0]
+    known = set(config_cls().to_dict())
+    unknown = sorted(set(values) - known)
+    if unknown:  # PretrainedConfig accepts any key silently: a typo would be ignored
+        raise ValueError(f"unknown {config_cls.__name__} keys in encoder source: {unknown}")
+    return config_cls(**values)
+
+
+def _own_values(config: PretrainedConfig) -> dict[str, Any]:
+    return {k: getattr(config, k) for k in _RUN_OVERRIDES if hasattr(config, k)}
+
+
+class SpeechEncoder(nn.Module):
+    """A wav2vec 2.0 family encoder with layer selection, pooling, freezing and HF export.
+
+    Args:
+        source: hub name, local folder (an HF export), or a dict of config keys ("model_type": wav2vec2,
+            hubert or wavlm; default wav2vec2) for a randomly initialised model.
+        layers: which features to return: a hidden-state index (0 = transformer input), "last",
+            "average" (uniform mean of all hidden states: the paper's) or "weighted" (learned softmax
+            weights over all hidden states: SUPERB's).
+        freeze_feature_encoder: keep the conv feature encoder fixed (the paper trains it).
+        freeze: keep the whole model fixed (SUPERB protocol): it then runs in eval mode under no_grad;
+            the layer weights of "weighted" still train. `set_frozen` changes it during training.
+        normalize: normalise each input to zero mean and unit variance over its real samples; None reads
+            ``do_normalize`` from the source's preprocessor_config.json (True when there is none).
+    """
+
+    def __init__(
+        self,
+        source: str | dict[str, Any],
+        layers: int | Literal["average", "weighted", "last"] = "average",
+        freeze_feature_encoder: bool = True,
+        freeze: bool = False,
+        normalize: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.source = source if isinstance(source, str) else dict(source)
+        self.model, normalize_default, self._export_values = self._load(source)
+        config = self.model.config
+        for key, value in _RUN_OVERRIDES.items():
+            setattr(config, key, value)
+        self.normalize = normalize_default if normalize is None else bool(normalize)
+        # Padding masks only for the models pre-trained with them (see the module docstring).
+        self.uses_attention_mask = config.feat_extract_norm == "layer" or bool(config.do_stable_layer_norm)
+
+        n_states = config.num_hidden_layers + 1
+        if isinstance(layers, bool) or not isinstance(layers, (int, str)):
+            raise ValueError(f"layers must be an int or one of 'average', 'weighted', 'last'; got {layers!r}")
+        if isinstance(layers, str) and layers not in ("average", "weighted", "last"):
+            raise ValueError(f"layers must be an int or one of 'average', 'weighted', 'last'; got {layers!r}")
+        if isinstance(layers, int) and not -n_states <= layers < n_states:
+            raise ValueError(f"layer {layers} out of range: this encoder has {n_states} hidden states")
+        self.layers = layers
+        # SUPERB's featurizer: softmax over zero-initialised weights starts as the uniform average.
+        self.layer_weights = nn.Parameter(torch.zeros(n_states)) if layers == "weighted" else None
+
+        self.freeze_feature_encoder = freeze_feature_encoder
+        self.frozen = False
+        self.set_frozen(freeze)
+        self.train(True)
+        n_params = sum(p.numel() for p in self.model.parameters())
+        log.info(
+            "encoder %s: %s, %d layers, %.2fM parameters",
+            self.describe(),
+            config.model_type,
+            config.num_hidden_layers,
+            n_params / 1e6,
+        )
+
+    # ---------------------------------------------------------------- loading and export
+    @staticmethod
+    def _load(source: str | dict[str, Any]) -> tuple[PreTrainedModel, bool, dict[str, Any]]:
+        """Build or load the HF model; returns it, the default for `normalize`, and the source's own
+        values of the settings the run overrides (for export)."""
+        if isinstance(source, dict):
+            config = _config_from_dict(source)
+            _, model_cls = MODEL_TYPES[config.model_type]
+            return model_cls(SpeechEncoder._build_config(config)), True, _own_values(config)
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"encoder source must be a hub name, a folder or a config dict, got {source!r}")
+
+        folder = Path(source).expanduser()
+        if folder.exists():
+            if not (folder / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"encoder folder {folder} has no config.json (not an HF model folder)"
+                )
+            where = str(folder)
+        elif _looks_like_path(source):
+            hint = ""
+            if folder.name.startswith("tiny"):
+                hint = " (the embedded tiny encoder is made by `make pretrain`; rewired ones by `make rewire`)"
+            raise FileNotFoundError(f"encoder folder not found: {folder}{hint}")
+        else:
+            where = source  # a hub name: cached, or downloaded when online
+        try:
+            config = AutoConfig.from_pretrained(where, trust_remote_code=False)
+        except OSError as e:
+            raise OSError(
+                f"cannot load encoder {source!r}: not a local folder, and not a hub model that is cached "
+                f"or reachable ({e})"
+            ) from e
+        if config.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"encoder {source!r} is a {config.model_type!r} model; expected one of {sorted(MODEL_TYPES)}"
+            )
+        _, model_cls = MODEL_TYPES[config.model_type]
+        # safetensors when the folder has them, else torch.load(weights_only=True); never remote code.
+        model = model_cls.from_pretrained(
+            where,
+            config=SpeechEncoder._build_config(config),
+            use_safetensors=None,
+            weights_only=True,
+            trust_remote_code=False,
+            dtype=torch.float32,
+        )
+        return model, SpeechEncoder._read_do_normalize(where, folder.exists()), _own_values(config)
+
+    @staticmethod
+    def _build_config(config: PretrainedConfig) -> PretrainedConfig:
+        """HF creates the learned mask embedding only when mask_time_prob > 0: make sure it does."""
+        if not (config.mask_time_prob > 0 or config.mask_feature_prob > 0):
+            build = config.__class__.from_dict(config.to_dict())
+            build.mask_time_prob = 0.05
+            return build
+        return config
+
+    @staticmethod
+    def _read_do_normalize(where: str, local: bool) -> bool:
+        if local:
+            path = Path(where) / "preprocessor_config.json"
+            if path.is_file():
+                return bool(json.loads(path.read_text()).get("do_normalize", True))
+            return True
+        try:
+            return bool(Wav2Vec2FeatureExtractor.from_pretrained(where).do_normalize)
+        except OSError:
+            return True
+
+    def describe(self) -> str:
+        return (
+            self.source
+            if isinstance(self.source, str)
+            else f"<config {self.source.get('model_type', 'wav2vec2')}>"
+        )
+
+    @contextmanager
+    def _export_config(self):
+        """The source's own masking/LayerDrop values while saving; the run overrides afterwards."""
+        config = self.model.config
+        for key, value in self._export_values.items():
+            setattr(config, key, value)
+        try:
+            yield config
+        finally:
+            for key, value in _RUN_OVERRIDES.items():
+                setattr(config, key, value)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write an HF folder (config.json, model.safetensors, preprocessor_config.json).
+
+        It loads with `SpeechEncoder(path)` (same outputs) and with plain ``<Model>.from_pretrained``.
+        The layer weights of "weighted" belong to the task, not the encoder, and are not exported.
+        """
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with self._export_config():
+            self.model.save_pretrained(path)
+        Wav2Vec2FeatureExtractor(
+            feature_size=1,
+            sampling_rate=16000,
+            padding_value=0.0,
+            do_normalize=self.normalize,
+            return_attention_mask=self.uses_attention_mask,
+        ).save_pretrained(path)
+        return path
+
+    # ---------------------------------------------------------------- freezing
+    def set_frozen(self, frozen: bool) -> None:
+        """Freeze (SUPERB) or unfreeze the whole model; the conv encoder stays as `freeze_feature_encoder` says."""
+        self.frozen = bool(frozen)
+        for p in self.model.parameters():
+            p.requires_grad_(not self.frozen)
+        if not self.frozen and self.freeze_feature_encoder:
+            self.model.feature_extractor._freeze_parameters()
+        else:
+            self.model.feature_extractor._requires_grad = not self.frozen
+        self.model.train(self.training and not self.frozen)
+
+    def train(self, mode: bool = True) -> SpeechEncoder:
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()  # no dropout in a frozen encoder
+        return self
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def config(self) -> PretrainedConfig:
+        return self.model.config
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def num_hidden_states(self) -> int:
+        return self.num_layers + 1
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def conv_layout(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return conv_layout(self.model.config)
+
+    def frame_lengths(self, lengths: Tensor | int) -> Tensor:
+        return masking.frame_lengths(lengths, *self.conv_layout)
+
+    # ---------------------------------------------------------------- forward
+    def _prepare(self, waveforms: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
+        """Normalised, zero-padded input and the real length of each row."""
+        x = waveforms.to(next(self.model.parameters()).dtype)
+        if attention_mask is None:
+            valid = torch.ones_like(x)
+        else:
+            if attention_mask.shape != waveforms.shape:
+                raise ValueError(
+                    f"attention_mask {tuple(attention_mask.shape)} does not match waveforms {tuple(waveforms.shape)}"
+                )
+            valid = attention_mask.to(x.dtype)
+        lengths = valid.sum(-1)
+        if self.normalize:
+            n = lengths.clamp(min=1)[:, None]
+            mean = (x * valid).sum(-1, keepdim=True) / n
+            var = (((x - mean) * valid) ** 2).sum(-1, keepdim=True) / n
+            x = (x - mean) / torch.sqrt(var + 1e-7)
+        return x * valid, lengths.round().long()
+
+    def forward(
+        self,
+        waveforms: Tensor,
+        attention_mask: Tensor | None = None,
+        mask_time_indices: Tensor | None = None,
+    ) -> EncoderOutput:
+        """Encode [B, T] waveforms (16 kHz; attention_mask 1 = real sample, right padding)."""
+        if waveforms.dim() != 2:
+            raise ValueError(f"waveforms must be [B, T], got shape {tuple(waveforms.shape)}")
+        x, lengths = self._prepare(waveforms, attention_mask)
+        n_frames = int(self.frame_lengths(x.shape[1]))
+        if mask_time_indices is not None:
+            if mask_time_indices.shape != (x.shape[0], n_frames):
+                raise ValueError(
+                    f"mask_time_indices must be [B, F] = {(x.shape[0], n_frames)}, got {tuple(mask_time_indices.shape)}"
+                )
+            mask_time_indices = mask_time_indices.to(device=x.device, dtype=torch.bool)
+        hf_mask = attention_mask.long() if (attention_mask is not None and self.uses_attention_mask) else None
+        with torch.no_grad() if self.frozen else nullcontext():
+            out = self.model(
+                x, attention_mask=hf_mask, mask_time_indices=mask_time_indices, output_hidden_states=True
+            )
+        hidden_states = (*out.hidden_states[:-1], out.last_hidden_state)
+
+        if self.layers == "last":
+            features = out.last_hidden_state
+        elif self.layers == "average":
+            features = torch.stack(hidden_states).mean(0)
+        elif self.layers == "weighted":
+            weights = torch.softmax(self.layer_weights, dim=0).to(hidden_states[0].dtype)
+            features = torch.einsum("l,lbfd->bfd", weights, torch.stack(hidden_states))
+        else:
+            features = hidden_states[self.layers]
+
+        frame_mask = (
+            torch.arange(features.shape[1], device=x.device)[None, :] < self.frame_lengths(lengths)[:, None]
+        )
+        m = frame_mask.to(features.dtype)[..., None]
+        pooled = (features * m).sum(1) / m.sum(1).clamp(min=1.0)
+        return EncoderOutput(
+            features=features, frame_mask=frame_mask, hidden_states=hidden_states, pooled=pooled
+        )
+
+    def extra_repr(self) -> str:
+        return f"source={self.describe()}, layers={self.layers!r}, frozen={self.frozen}"
