@@ -182,20 +182,11 @@ class SpeechEncoder(nn.Module):
         # Padding masks only for the models pre-trained with them (see the module docstring).
         self.uses_attention_mask = config.feat_extract_norm == "layer" or bool(config.do_stable_layer_norm)
 
-        n_states = config.num_hidden_layers + 1
-        if isinstance(layers, bool) or not isinstance(layers, (int, str)):
-            raise ValueError(f"layers must be an int or one of 'average', 'weighted', 'last'; got {layers!r}")
-        if isinstance(layers, str) and layers not in ("average", "weighted", "last"):
-            raise ValueError(f"layers must be an int or one of 'average', 'weighted', 'last'; got {layers!r}")
-        if isinstance(layers, int) and not -n_states <= layers < n_states:
-            raise ValueError(f"layer {layers} out of range: this encoder has {n_states} hidden states")
-        self.layers = layers
-        # SUPERB's featurizer: softmax over zero-initialised weights starts as the uniform average.
-        self.layer_weights = nn.Parameter(torch.zeros(n_states)) if layers == "weighted" else None
-
+        self.layers: int | str = "average"
+        self.layer_weights: nn.Parameter | None = None
         self.freeze_feature_encoder = freeze_feature_encoder
         self.frozen = False
-        self.set_frozen(freeze)
+        self.configure(layers=layers, freeze=freeze)
         self.train(True)
         n_params = sum(p.numel() for p in self.model.parameters())
         log.info(
@@ -313,6 +304,25 @@ class SpeechEncoder(nn.Module):
             return_attention_mask=self.uses_attention_mask,
         ).save_pretrained(path)
         return path
+
+    # ---------------------------------------------------------------- protocol
+    def configure(self, layers: int | str, freeze: bool) -> None:
+        """Choose the features and the freezing after construction: a task's protocol decides them
+        (SUPERB: "weighted" and frozen), whatever the encoder config said."""
+        n_states = self.model.config.num_hidden_layers + 1
+        if isinstance(layers, bool) or not isinstance(layers, (int, str)):
+            raise ValueError(f"layers must be an int or one of 'average', 'weighted', 'last'; got {layers!r}")
+        if isinstance(layers, str) and layers not in ("average", "weighted", "last"):
+            raise ValueError(f"layers must be an int or one of 'average', 'weighted', 'last'; got {layers!r}")
+        if isinstance(layers, int) and not -n_states <= layers < n_states:
+            raise ValueError(f"layer {layers} out of range: this encoder has {n_states} hidden states")
+        if layers == "weighted" and self.layer_weights is None:
+            # SUPERB's featurizer: softmax over zero-initialised weights starts as the uniform average.
+            self.layer_weights = nn.Parameter(torch.zeros(n_states))
+        elif layers != "weighted":
+            self.layer_weights = None
+        self.layers = layers
+        self.set_frozen(freeze)
 
     # ---------------------------------------------------------------- freezing
     def set_frozen(self, frozen: bool) -> None:
