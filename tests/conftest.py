@@ -1,8 +1,11 @@
 """Shared fixtures: everything runs offline on the CPU, on data the tests build themselves."""
 
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 torch.set_num_threads(1)
@@ -16,3 +19,47 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+
+
+SENTENCES = [
+    "turn on the lights in the kitchen",
+    "play some music by the beatles",
+    "what is the weather like tomorrow",
+    "set an alarm for seven in the morning",
+    "the quick brown fox jumps over the lazy dog",
+    "please call my mother this evening",
+    "how far is the nearest station",
+    "book a table for two at eight",
+]
+VOICES = ["en-us+m3", "en-gb+f2", "en-sc+m1", "en-us+f4"]
+
+
+@pytest.fixture(scope="session")
+def unlabelled(tmp_path_factory) -> Path:
+    """Eight spoken sentences (espeak voices) plus one with no text and one the TTS can't say."""
+    from rewiring.manifest import Record, write_manifest
+    from rewiring.synthesis import EspeakSynthesizer
+
+    root = tmp_path_factory.mktemp("unlabelled")
+    (root / "audio").mkdir()
+    records = []
+    for i, text in enumerate(SENTENCES):
+        wav, sr = EspeakSynthesizer(voice=VOICES[i % len(VOICES)]).synthesize(text)
+        sf.write(root / "audio" / f"u{i}.wav", wav, sr)
+        records.append(Record(id=f"u{i}", audio=f"audio/u{i}.wav", duration=len(wav) / sr, text=text))
+    wav = np.asarray(sf.read(root / "audio" / "u0.wav")[0], dtype=np.float32)
+    sf.write(root / "audio" / "notext.wav", wav, 22050)
+    records.append(Record(id="notext", audio="audio/notext.wav", duration=len(wav) / 22050))
+    records.append(Record(id="weird", audio="audio/notext.wav", duration=len(wav) / 22050, text="日本語"))
+    write_manifest(root / "train.jsonl", records)
+    return root / "train.jsonl"
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """The embedded corpus at size tiny, built once per session (seconds); its root folder."""
+    from rewiring.corpus import build_corpus
+
+    root = tmp_path_factory.mktemp("embedded") / "tiny"
+    build_corpus(root, "tiny", progress=False, processes=1)
+    return root

@@ -7,26 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
+from conftest import SENTENCES
 
 from rewiring.cli import cli_main
 from rewiring.encoder import TINY_CONFIG, SpeechEncoder
-from rewiring.manifest import Record, write_manifest
 from rewiring.rewire import PairCollate, RewiringDataModule, RewiringModule, nt_xent
 from rewiring.synthesis import EspeakSynthesizer
-
-SENTENCES = [
-    "turn on the lights in the kitchen",
-    "play some music by the beatles",
-    "what is the weather like tomorrow",
-    "set an alarm for seven in the morning",
-    "the quick brown fox jumps over the lazy dog",
-    "please call my mother this evening",
-    "how far is the nearest station",
-    "book a table for two at eight",
-]
-VOICES = ["en-us+m3", "en-gb+f2", "en-sc+m1", "en-us+f4"]
 
 
 def naive_nt_xent(z1: torch.Tensor, z2: torch.Tensor, t: float) -> float:
@@ -57,24 +44,6 @@ def test_nt_xent_perfect_pairs_give_full_accuracy():
     loss, acc = nt_xent(z1, z1.clone(), 0.04)
     assert acc.item() == 1.0
     assert loss.item() < 1e-3
-
-
-@pytest.fixture(scope="module")
-def unlabelled(tmp_path_factory) -> Path:
-    """Eight spoken sentences (espeak voices) plus one with no text and one the TTS can't say."""
-    root = tmp_path_factory.mktemp("unlabelled")
-    (root / "audio").mkdir()
-    records = []
-    for i, text in enumerate(SENTENCES):
-        wav, sr = EspeakSynthesizer(voice=VOICES[i % len(VOICES)]).synthesize(text)
-        sf.write(root / "audio" / f"u{i}.wav", wav, sr)
-        records.append(Record(id=f"u{i}", audio=f"audio/u{i}.wav", duration=len(wav) / sr, text=text))
-    wav = np.asarray(sf.read(root / "audio" / "u0.wav")[0], dtype=np.float32)
-    sf.write(root / "audio" / "notext.wav", wav, 22050)
-    records.append(Record(id="notext", audio="audio/notext.wav", duration=len(wav) / 22050))
-    records.append(Record(id="weird", audio="audio/notext.wav", duration=len(wav) / 22050, text="日本語"))
-    write_manifest(root / "train.jsonl", records)
-    return root / "train.jsonl"
 
 
 def _dm(manifest: Path, pairing: str, tmp_path: Path, **kw) -> RewiringDataModule:
