@@ -22,7 +22,7 @@ CORPORA = {
 
 def prepare(
     corpus: Literal["embedded", "librispeech", "speech_commands", "fluent_speech_commands", "voxceleb1", "librimix", "snips"],
-    out: str = "data/manifests",
+    out: str | None = None,
     root: str | None = None,
     size: Literal["tiny", "small", "full"] = "small",
     seed: int = 0,
@@ -31,7 +31,7 @@ def prepare(
 
     Args:
         corpus: `embedded` (synthesised here, offline) or a real corpus read from a local folder.
-        out: folder for the manifests.
+        out: folder for the manifests (default: data/embedded/<size> for `embedded`, data/real otherwise).
         root: the real corpus's local folder (not used for `embedded`).
         size: embedded corpus size: tiny (tests), small (the demo), full.
         seed: embedded corpus seed.
@@ -39,8 +39,9 @@ def prepare(
     if corpus == "embedded":
         from rewiring.corpus import prepare_embedded
 
-        prepare_embedded(out=out, size=size, seed=seed)
+        prepare_embedded(out=out or f"data/embedded/{size}", size=size, seed=seed)
         return
+    out = out or "data/real"
     if root is None:
         raise SystemExit(f"prepare {corpus}: --root PATH (the corpus's local folder) is required")
     summary = importlib.import_module(CORPORA[corpus]).prepare(root=root, out=out)

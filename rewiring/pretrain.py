@@ -168,7 +168,7 @@ class PretrainModule(LightningModule):
         )
         n_masked = float(mask.sum())
         contrastive = out.contrastive_loss / n_masked
-        diversity = out.diversity_loss
+        diversity = out.diversity_loss / n_masked  # HF scales both terms by the masked count
         loss = contrastive + self.diversity_weight * diversity
         if not torch.isfinite(loss):
             log.warning("non-finite pre-training loss at step %d; batch skipped", self.global_step)
