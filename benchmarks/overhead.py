@@ -1,0 +1,303 @@
+"""1. Framework overhead: the full Lightning path against a bare PyTorch loop, side by side.
+
+Lightning path: `rewiring.cli.cli_main(args, run=True)` with `--trainer.max_steps`, the project's
+configs (conf/base.yaml + encoder + stage or task), its DataModule on a warm synthesis cache, the
+Trainer with the configured logger and callbacks; a `StepTimer` callback stamps every step.
+Bare loop: the same model class, loss, optimizer and data module (instantiated from the same
+arguments with `run=False`), the batches pre-loaded into memory, then
+`zero_grad; loss = f(batch); loss.backward(); step` and nothing else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import Case, Workspace, log, ratio, steady, summarize
+from benchmarks.timer import StepTimer
+
+
+def _cli(args: list[str], run: bool):
+    from rewiring.cli import cli_main
+
+    return cli_main(args, run=run)
+
+
+def _timer(trainer) -> StepTimer:
+    for cb in trainer.callbacks:
+        if isinstance(cb, StepTimer):
+            return cb
+    raise RuntimeError("StepTimer callback missing from the trainer")
+
+
+def _profile_summary(profiler, n_steps: int, top: int = 14) -> list[dict[str, Any]]:
+    """SimpleProfiler's actions by total time (nested actions overlap: run_training_batch holds the step)."""
+    durations = getattr(profiler, "recorded_durations", {}) or {}
+    rows = []
+    for action, ds in durations.items():
+        total = float(sum(ds))
+        rows.append(
+            {
+                "action": action,
+                "calls": len(ds),
+                "total_s": total,
+                "per_step_ms": 1000 * total / max(1, n_steps),
+                "median_ms": 1000 * summarize(ds)["median"] if ds else None,
+            }
+        )
+    rows.sort(key=lambda r: -r["total_s"])
+    return rows[:top]
+
+
+def _checkpoint_mb(trainer) -> float:
+    """Megabytes of checkpoints the run wrote (its log folder)."""
+    from pathlib import Path
+
+    log_dir = trainer.log_dir
+    if not log_dir:
+        return 0.0
+    return sum(p.stat().st_size for p in Path(log_dir).rglob("*.ckpt")) / 1e6
+
+
+def run_lightning(ws: Workspace, case: Case, bare: dict[str, Any], *, profiler: bool = False) -> dict[str, Any]:
+    """One `cli_main(run=True)` run of `case`; per-step and phase timings.
+
+    Audio per step comes from the bare loop's batches (the same sampler seed gives the same batches
+    in the same order; checked on their padded shapes, else the padded length is counted).
+    """
+    total = case.warmup + case.steps
+    t_call_wall = time.time()
+    t0 = time.perf_counter()
+    cli = _cli(case.cli_args(ws, profiler=profiler, steps=total), run=True)
+    wall = time.perf_counter() - t0
+    t_end_wall = time.time()
+    timer = _timer(cli.trainer)
+    n = len(timer.ends)
+    same = [tuple(s) for s in timer.shapes] == [tuple(s) for s in bare["shapes"][:n]]
+    if same:
+        audio, source = bare["audio"][:n], bare["source"][:n]
+    else:  # padded samples: an upper bound
+        audio = [(s[0] * s[1] + (s[2] * s[3] if len(s) == 4 else 0)) / 16000 for s in timer.shapes]
+        source = [s[0] * s[1] / 16000 for s in timer.shapes]
+    w = max(0, case.warmup - 1)  # step_times()[j] is step j+1
+    steps = steady(timer.step_times(), w)
+    cpu = steady(timer.cpu_step_times(), w)
+    st_audio = steady(audio[1:], w)
+    st_source = steady(source[1:], w)
+    stamps = timer.wall
+    out = {
+        "wall_s": wall,
+        "steps_run": n,
+        "audio_from": "bare batches (same shapes)" if same else "padded shapes",
+        "audio_total_s": sum(audio),
+        "source_total_s": sum(source),
+        "step_s": summarize(steps),
+        "cpu_step_s": summarize(cpu),
+        "gap_s": summarize(steady(timer.gaps(), w)),
+        "body_s": summarize(steady(timer.bodies(), case.warmup)),
+        "first_step_s": (timer.ends[0] - timer.starts[0]) if timer.ends else None,
+        "steady_audio_per_s": sum(st_audio) / sum(steps) if steps and sum(steps) else None,
+        "steady_source_per_s": sum(st_source) / sum(steps) if steps and sum(steps) else None,
+        "checkpoint_mb": _checkpoint_mb(cli.trainer),
+        "phases_s": {
+            # cli_main call -> Callback.setup: config parsing, instantiation, datamodule setup
+            "parse_instantiate_setup": stamps.get("setup", t_call_wall) - t_call_wall,
+            # setup -> on_train_start: model setup, optimizers, loops
+            "fit_start": stamps.get("train_start", t_call_wall) - stamps.get("setup", t_call_wall),
+            # on_train_start -> first batch: data-loader iterator, worker start, first batch
+            "first_batch_wait": stamps.get("first_batch", t_call_wall) - stamps.get("train_start", t_call_wall),
+            "loop": timer.timings()["loop_seconds"],
+            # on_train_end -> cli_main returns: checkpoint, logger flush, teardown
+            "teardown": t_end_wall - stamps.get("train_end", t_end_wall),
+        },
+        "raw": {"steps": timer.step_times(), "cpu_steps": timer.cpu_step_times(), "gaps": timer.gaps(),
+                "bodies": timer.bodies()},  # fmt: skip
+    }
+    if profiler:
+        out["profile"] = _profile_summary(cli.trainer.profiler, n)
+    del cli
+    gc.collect()
+    return out
+
+
+def _loss_fn(model, stage: str):
+    if stage == "rewire":
+        from rewiring.rewire import nt_xent
+
+        def f(batch):
+            z1 = model.embed(batch["view1"])
+            z2 = model.embed(batch["view2"])
+            return nt_xent(z1, z2, model.temperature)[0]
+
+        return f
+    return lambda batch: model.step(batch, "train")
+
+
+def _usable(batch) -> bool:
+    if batch is None:
+        return False
+    if isinstance(batch, dict):
+        return batch.get("size", 0) >= 2
+    return True
+
+
+def _init_hparams(model) -> dict[str, Any]:
+    """The module's saved init arguments (LightningCLI adds `_class_path` and the like)."""
+    import inspect
+
+    params = inspect.signature(type(model).__init__).parameters
+    return {k: v for k, v in model.hparams.items() if k in params and k not in ("encoder", "optimizer")}
+
+
+class BareLoop:
+    """The same model, loss, optimizer and batches in a plain loop (batches pre-loaded, untimed).
+
+    `run()` can be called before and after the Lightning run: averaging the two passes per batch
+    cancels a load that drifts during the measurement (their ratio is reported as the drift).
+    """
+
+    def __init__(self, ws: Workspace, case: Case) -> None:
+        from rewiring.encoder import SpeechEncoder
+
+        self.case = case
+        cli = _cli(case.cli_args(ws)[1:], run=False)  # run=False takes no subcommand
+        template, dm = cli.model, cli.datamodule
+        # What a plain script pays before its first step: build the encoder, the module, the optimizer.
+        torch.manual_seed(0)
+        t0 = time.perf_counter()
+        enc = template.encoder
+        encoder = SpeechEncoder(enc.source, layers=enc.layers, freeze_feature_encoder=enc.freeze_feature_encoder)
+        self.model = type(template)(encoder=encoder, optimizer=template.optimizer, **_init_hparams(template))
+        dm.setup("fit")
+        if case.stage != "rewire":
+            self.model.install_spec(dm.spec)
+        self.optimizer = self.model.configure_optimizers()
+        self.build_s = time.perf_counter() - t0
+
+        dm.num_workers = 0  # pre-loading is not timed
+        total = case.warmup + case.steps
+        self.batches: list = []
+        while len(self.batches) < total:
+            before = len(self.batches)
+            for batch in dm.train_dataloader():
+                if _usable(batch):
+                    self.batches.append(batch)
+                if len(self.batches) == total:
+                    break
+            if len(self.batches) == before:
+                raise RuntimeError(f"{case.name}: the data module gives no usable batch")
+        self.loss_fn = _loss_fn(self.model, case.stage)
+
+    def run(self) -> tuple[list[float], list[float]]:
+        """Wall and CPU seconds of each step over all the batches."""
+        self.model.train()
+        times, cpu = [], []
+        for batch in self.batches:
+            t, c = time.perf_counter(), time.process_time()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self.loss_fn(batch)
+            loss.backward()
+            self.optimizer.step()
+            times.append(time.perf_counter() - t)
+            cpu.append(time.process_time() - c)
+        return times, cpu
+
+    def summary(self, first: tuple[list[float], list[float]], second: tuple[list[float], list[float]] | None) -> dict:
+        """Per-step figures from one pass, or the per-batch mean of two (before and after Lightning)."""
+        from benchmarks.common import batch_audio, batch_shape
+
+        w = self.case.warmup
+        times, cpu = first
+        drift = None
+        if second is not None:
+            drift = summarize([b / a for a, b in zip(steady(first[0], w), steady(second[0], w), strict=True)])
+            # Warm-up steps come from the first pass only (the second starts warm).
+            times = times[:w] + [(a + b) / 2 for a, b in zip(first[0][w:], second[0][w:], strict=True)]
+            cpu = cpu[:w] + [(a + b) / 2 for a, b in zip(first[1][w:], second[1][w:], strict=True)]
+        audio = [batch_audio(b)[0] for b in self.batches]
+        source = [batch_audio(b)[1] for b in self.batches]
+        st = steady(times, w)
+        params = list(self.model.parameters())
+        return {
+            "build_s": self.build_s,
+            "steps_run": len(times),
+            "audio_total_s": sum(audio),
+            "source_total_s": sum(source),
+            "loop_s": sum(first[0]),
+            "step_s": summarize(st),
+            "cpu_step_s": summarize(steady(cpu, w)),
+            "drift_after_over_before": drift,
+            "steady_audio_per_s": sum(steady(audio, w)) / sum(st),
+            "steady_source_per_s": sum(steady(source, w)) / sum(st),
+            "params_m": sum(p.numel() for p in params) / 1e6,
+            "trainable_m": sum(p.numel() for p in params if p.requires_grad) / 1e6,
+            "audio": audio,
+            "source": source,
+            "shapes": [batch_shape(b) for b in self.batches],
+            "raw": {
+                "steps": times,
+                "cpu_steps": cpu,
+                "before": first[0],
+                "after": second[0] if second else None,
+            },
+        }
+
+
+def paired(light_steps: list[float], bare_steps: list[float], warmup: int) -> list[tuple[float, float]]:
+    """(Lightning, bare) seconds of the same step. Lightning's intervals run batch end to batch end,
+    so its j-th interval is step j+1; steps before `warmup` are left out."""
+    out = []
+    for j, lt in enumerate(light_steps):
+        k = j + 1
+        if warmup <= k < len(bare_steps) and bare_steps[k] > 0:
+            out.append((lt, bare_steps[k]))
+    return out
+
+
+def measure(ws: Workspace, case: Case, *, profile: bool = False) -> dict[str, Any]:
+    """Bare loop, then the Lightning run (then a shorter profiled Lightning run when `profile`), and
+    the ratios (Lightning / bare: above 1 means Lightning is slower)."""
+    log(f"overhead {case.name}: bare loop ({case.warmup}+{case.steps} steps)")
+    loop = BareLoop(ws, case)
+    before = loop.run()
+    first = loop.summary(before, None)  # its batches' audio and shapes, for the Lightning run
+    log(f"overhead {case.name}: Lightning ({case.warmup}+{case.steps} steps)")
+    light = run_lightning(ws, case, first)
+    log(f"overhead {case.name}: bare loop again (drift check)")
+    bare = loop.summary(before, loop.run())
+    del loop
+    gc.collect()
+    out: dict[str, Any] = {"case": dict(case.__dict__), "bare": bare, "lightning": light}
+    # Paired: Lightning's step k against the bare loop's step k (the same batch), so the different
+    # lengths of bucketed batches cancel out.
+    pairs = paired(light["raw"]["steps"], bare["raw"]["steps"], case.warmup)
+    out["ratio_steady"] = summarize([lt / bt for lt, bt in pairs])
+    out["ratio_steady_total"] = ratio(sum(lt for lt, _ in pairs), sum(bt for _, bt in pairs))
+    cpu_pairs = paired(light["raw"]["cpu_steps"], bare["raw"]["cpu_steps"], case.warmup)
+    out["ratio_steady_cpu"] = summarize([lt / bt for lt, bt in cpu_pairs])
+    # End to end: seconds per audio-second, everything included (bare: model build + its steps).
+    e2e_light = light["wall_s"] / light["audio_total_s"] if light["audio_total_s"] else None
+    e2e_bare = (bare["build_s"] + bare["loop_s"]) / bare["audio_total_s"] if bare["audio_total_s"] else None
+    out["ratio_end_to_end"] = ratio(e2e_light, e2e_bare)
+    out["extra_per_step_ms"] = 1000 * sum(lt - bt for lt, bt in pairs) / len(pairs)
+    out["gap_per_step_ms"] = 1000 * light["gap_s"]["median"]
+    # Fixed cost: everything outside the training loop (parse, instantiate, setup, workers, teardown).
+    out["outside_loop_s"] = light["wall_s"] - light["phases_s"]["loop"]
+    out["mean_step_s"] = sum(lt for lt, _ in pairs) / len(pairs)
+    if profile:
+        short = dataclasses.replace(case, warmup=1, steps=min(case.steps, 5))
+        log(f"overhead {case.name}: Lightning with SimpleProfiler ({short.warmup}+{short.steps} steps)")
+        prof = run_lightning(ws, short, bare, profiler=True)
+        prof_pairs = paired(prof["raw"]["steps"], bare["raw"]["steps"], 1)
+        out["profiled"] = {
+            "step_s": prof["step_s"],
+            "ratio_steady": summarize([lt / bt for lt, bt in prof_pairs]),
+            "profile": prof["profile"],
+        }
+    for key in ("audio", "source", "shapes"):
+        bare.pop(key)
+    return out
