@@ -15,9 +15,11 @@ from typing import Literal
 import soundfile as sf
 import torch
 import torchaudio.functional as AF
+from torch.utils.data import Sampler
 
 __all__ = [
     "SAMPLE_RATE",
+    "BucketBatchSampler",
     "SILENCE_PEAK",
     "AudioError",
     "BadAudio",
@@ -178,3 +180,40 @@ def duration_seconds(path: str | Path) -> float:
     if info.samplerate <= 0:
         raise AudioError(path, f"invalid sample rate {info.samplerate}")
     return info.frames / info.samplerate
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar length, so padding stays small; a new shuffle every epoch.
+
+    Shuffle, sort by duration inside windows of 50 batches, cut into batches, shuffle the batches.
+    With `drop_last`, only full batches are kept (in rewiring every anchor needs the same number
+    of negatives). The shuffle depends only on (seed, epoch): the same batches on every machine.
+    """
+
+    def __init__(
+        self, durations: list[float], batch_size: int, seed: int, window: int = 50, drop_last: bool = True
+    ) -> None:
+        self.durations = torch.tensor(durations)
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+        self.seed = seed
+        self.window = window * batch_size
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.durations)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        self.epoch += 1
+        order = torch.randperm(len(self.durations), generator=g)
+        batches = []
+        for start in range(0, len(order), self.window):
+            chunk = order[start : start + self.window]
+            chunk = chunk[torch.argsort(self.durations[chunk], stable=True)]
+            batches += [chunk[k : k + self.batch_size].tolist() for k in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        for p in torch.randperm(len(batches), generator=g).tolist():
+            yield batches[p]

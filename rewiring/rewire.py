@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
-from rewiring.audio import BadAudio, load_or_skip, pad_batch
+from rewiring.audio import BadAudio, BucketBatchSampler, load_or_skip, pad_batch
 from rewiring.encoder import SpeechEncoder
 from rewiring.manifest import Record, audio_path, read_manifest
 from rewiring.masking import frame_lengths, span_mask, time_masks
@@ -152,37 +152,6 @@ class PairCollate:
         return out
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of similar length, so padding stays small; a new shuffle every epoch.
-
-    Shuffle, sort by duration inside windows of 50 batches, cut into batches, shuffle the batches.
-    Only full batches are kept (every anchor needs the same number of negatives).
-    """
-
-    def __init__(self, durations: list[float], batch_size: int, seed: int, window: int = 50) -> None:
-        self.durations = torch.tensor(durations)
-        self.batch_size = batch_size
-        self.seed = seed
-        self.window = window * batch_size
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        return len(self.durations) // self.batch_size
-
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        self.epoch += 1
-        order = torch.randperm(len(self.durations), generator=g)
-        batches = []
-        for start in range(0, len(order), self.window):
-            chunk = order[start : start + self.window]
-            chunk = chunk[torch.argsort(self.durations[chunk], stable=True)]
-            batches += [chunk[k : k + self.batch_size].tolist() for k in range(0, len(chunk), self.batch_size)]
-        batches = [b for b in batches if len(b) == self.batch_size]
-        for p in torch.randperm(len(batches), generator=g).tolist():
-            yield batches[p]
-
-
 class RewiringDataModule(LightningDataModule):
     """Unlabelled manifest -> positive pairs (twin | neutral | mixed), each view with its own time masks.
 
@@ -221,9 +190,9 @@ class RewiringDataModule(LightningDataModule):
         num_workers: int = 2,
         seed: int = 0,
         on_bad_audio: BadAudio = "skip",
-        conv_kernel: list[int] = list(WAV2VEC2_KERNELS),
-        conv_stride: list[int] = list(WAV2VEC2_STRIDES),
-        bucket_by_length: bool = False,
+        conv_kernel: tuple[int, ...] = WAV2VEC2_KERNELS,
+        conv_stride: tuple[int, ...] = WAV2VEC2_STRIDES,
+        bucket_by_length: bool = True,
     ) -> None:
         super().__init__()
         if not 0 <= span_share < 1:

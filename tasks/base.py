@@ -54,7 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MaxMetric, Metric, MetricCollection, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from rewiring.audio import BadAudio, load_or_skip, pad_batch
+from rewiring.audio import BadAudio, BucketBatchSampler, load_or_skip, pad_batch
 from rewiring.encoder import EncoderOutput, SpeechEncoder
 from rewiring.manifest import Record, audio_path, ids_hash, read_manifest, select_subset
 
@@ -178,6 +178,7 @@ class TaskDataModule(LightningDataModule, ABC):
         num_workers: DataLoader workers.
         max_seconds: longer files count as bad audio (see on_bad_audio); None: no limit.
         on_bad_audio: "skip" logs a warning naming the file and drops it from the batch; "error" raises.
+        bucket_by_length: batch training utterances of similar length (less padding); False: plain shuffle.
     """
 
     task: ClassVar[str] = ""
@@ -195,6 +196,7 @@ class TaskDataModule(LightningDataModule, ABC):
         num_workers: int = 0,
         max_seconds: float | None = 30.0,
         on_bad_audio: Literal["error", "skip"] = "skip",
+        bucket_by_length: bool = True,
     ) -> None:
         super().__init__()
         if fraction is not None and amount is not None:
@@ -210,6 +212,7 @@ class TaskDataModule(LightningDataModule, ABC):
         self.num_workers = num_workers
         self.max_seconds = max_seconds
         self.on_bad_audio = on_bad_audio
+        self.bucket_by_length = bucket_by_length
         self.spec: dict[str, Any] | None = None
         self.records: dict[str, list[Record]] = {}
         self.train_ids_hash: str | None = None
@@ -329,14 +332,16 @@ class TaskDataModule(LightningDataModule, ABC):
         )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=self.collate,
-            persistent_workers=self.num_workers > 0,
-        )
+        common = dict(num_workers=self.num_workers, collate_fn=self.collate, persistent_workers=self.num_workers > 0)
+        dataset = self.dataset(split)
+        if shuffle and self.bucket_by_length:
+            # Similar lengths in a batch: padding drops from ~1.3-2x the real audio to ~1.2-1.4x
+            # (benchmarks/results.md). The run's seed (seed_everything) drives the shuffle.
+            crop = self.train_crop_seconds
+            durations = [min(r.duration, crop) if crop else r.duration for r in self.records[split]]
+            sampler = BucketBatchSampler(durations, self.batch_size, seed=torch.initial_seed() % 2**31, drop_last=False)
+            return DataLoader(dataset, batch_sampler=sampler, **common)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

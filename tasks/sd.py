@@ -110,6 +110,7 @@ class SpeakerDiarizationData(TaskDataModule):
         num_workers: int = 0,
         max_seconds: float | None = 30.0,
         on_bad_audio: Literal["error", "skip"] = "skip",
+        bucket_by_length: bool = True,
         num_speakers: int = 2,
         crop_seconds: float | None = 20.0,
     ) -> None:
@@ -122,6 +123,7 @@ class SpeakerDiarizationData(TaskDataModule):
             num_workers=num_workers,
             max_seconds=max_seconds,
             on_bad_audio=on_bad_audio,
+            bucket_by_length=bucket_by_length,
         )
         if num_speakers < 1:
             raise ValueError(f"num_speakers must be >= 1, got {num_speakers}")

@@ -45,6 +45,7 @@ class SpeakerIdentificationData(ClassificationDataModule):
         num_workers: int = 0,
         max_seconds: float | None = None,
         on_bad_audio: Literal["error", "skip"] = "skip",
+        bucket_by_length: bool = True,
         train_max_seconds: float | None = 8.0,
     ) -> None:
         super().__init__(
@@ -56,6 +57,7 @@ class SpeakerIdentificationData(ClassificationDataModule):
             num_workers=num_workers,
             max_seconds=max_seconds,
             on_bad_audio=on_bad_audio,
+            bucket_by_length=bucket_by_length,
         )
         if train_max_seconds is not None and not train_max_seconds > 0:
             raise ValueError(f"train_max_seconds must be > 0 or None, got {train_max_seconds}")

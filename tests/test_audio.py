@@ -183,3 +183,26 @@ def test_pad_batch_single_and_invalid():
 
 def test_sample_rate_constant():
     assert SAMPLE_RATE == 16000
+
+
+def test_bucket_batch_sampler_covers_everything_with_little_padding():
+    from rewiring.audio import BucketBatchSampler
+
+    g = torch.Generator().manual_seed(0)
+    durations = (torch.rand(103, generator=g) * 9 + 1).tolist()
+    sampler = BucketBatchSampler(durations, batch_size=8, seed=3, drop_last=False)
+    first = list(sampler)
+    assert sorted(i for b in first for i in b) == list(range(103))
+    assert len(first) == len(sampler) == 13
+    second = list(sampler)
+    assert first != second  # a new shuffle every epoch
+    assert first == list(BucketBatchSampler(durations, 8, seed=3, drop_last=False))  # seeded
+
+    def padded(batches):
+        return sum(max(durations[i] for i in b) * len(b) for b in batches) / sum(durations)
+
+    shuffled = torch.randperm(103, generator=g).tolist()
+    plain = [shuffled[k : k + 8] for k in range(0, 103, 8)]
+    assert padded(first) < 1.1 < padded(plain)
+    dropped = list(BucketBatchSampler(durations, 8, seed=3, drop_last=True))
+    assert all(len(b) == 8 for b in dropped) and len(dropped) == 12
