@@ -74,12 +74,14 @@ other commands:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
     if argv[0] in TRAINER_COMMANDS or argv[0].startswith("-"):
-        cli_main(argv)
+        # From the command line LightningCLI reads sys.argv itself (passing both makes it warn).
+        cli_main(None if from_command_line else argv)
         return
     if argv[0] == "sweep":
         # The sweep's YAML is its own spec (arms x tasks x splits x seeds x lrs); it parses itself.
