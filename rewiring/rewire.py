@@ -280,7 +280,8 @@ class RewiringModule(LightningModule):
         optimizer: the optimizer factory (the paper: AdamW, lr 1e-6, weight decay 0.01, no scheduler).
         export_dir: where the rewired encoder is saved as an HF folder at the end of fit.
         isotropy_manifest: held-out utterances whose isotropy is measured before and after
-            (written to `<export_dir>/isotropy.json`); None to skip.
+            (written to `<export_dir>/isotropy.json`) and logged during training; None to skip.
+        isotropy_every_n_steps: how often the IsotropyCallback logs `isotropy/*` on that set.
     """
 
     def __init__(
@@ -292,6 +293,7 @@ class RewiringModule(LightningModule):
         optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.01),
         export_dir: str | None = None,
         isotropy_manifest: str | None = None,
+        isotropy_every_n_steps: int = 50,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -303,6 +305,7 @@ class RewiringModule(LightningModule):
         self.optimizer = optimizer
         self.export_dir = export_dir
         self.isotropy_manifest = isotropy_manifest
+        self.isotropy_every_n_steps = isotropy_every_n_steps
         self.projection = None
         if projection_dim is not None:
             d = encoder.hidden_size
@@ -362,6 +365,15 @@ class RewiringModule(LightningModule):
 
     def configure_optimizers(self):
         return self.optimizer(self.parameters())
+
+    def configure_callbacks(self):
+        """Isotropy of the held-out set, logged as training goes (the same set as isotropy.json)."""
+        if not self.isotropy_manifest:
+            return []
+        from rewiring.isotropy import IsotropyCallback
+
+        manifest = str(resolve_manifest(self.isotropy_manifest))
+        return [IsotropyCallback(manifest=manifest, every_n_steps=self.isotropy_every_n_steps)]
 
     def _isotropy(self) -> dict:
         from rewiring.isotropy import encoder_profile

@@ -184,6 +184,7 @@ def test_short_run_learns_and_exports(unlabelled, tmp_path):
     loss = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     acc = [float(r["train/match_acc"]) for r in rows if r.get("train/match_acc")]
     assert len(loss) >= 30
+    assert any(key.startswith("isotropy/") for key in rows[0]), "IsotropyCallback logged nothing"
     assert np.mean(loss[-8:]) < np.mean(loss[:8])
     assert np.mean(acc[-8:]) > np.mean(acc[:8])
 
