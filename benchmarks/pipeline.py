@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import Workspace, log, make_synth, summarize
+from rewiring.synthesis.coqui import random_vits
 
 
 def _shutdown(iterator) -> None:
@@ -108,7 +109,9 @@ def padding(ws: Workspace, backend: str, bucket: bool, n_batches: int, batch_siz
     }
 
 
-def task_padding(manifest: Path, batch_size: int, crop: float | None = None, epochs: int = 3) -> dict[str, Any]:
+def task_padding(
+    manifest: Path, batch_size: int, crop: float | None = None, epochs: int = 3
+) -> dict[str, Any]:
     """The same ratio for a task's train manifest under the tasks' shuffled (unbucketed) batches,
     from the manifest's durations (no audio read; `crop`: the training crop, as sid's)."""
     from rewiring.manifest import read_manifest
@@ -165,46 +168,6 @@ def tts_rtf(name: str, synth, texts: list[str], batched: bool = False) -> dict[s
     return out
 
 
-def tiny_vits(folder: Path) -> Path:
-    """A character-based VITS with random weights, saved as config.json + model.pth (as in
-    tests/test_synthesis.py): coqui's real code path without a download."""
-    from TTS.tts.configs.shared_configs import CharactersConfig
-    from TTS.tts.configs.vits_config import VitsArgs, VitsConfig
-    from TTS.tts.models.vits import Vits
-
-    torch.manual_seed(0)
-    args = VitsArgs(
-        hidden_channels=16,
-        hidden_channels_ffn_text_encoder=32,
-        num_heads_text_encoder=1,
-        num_layers_text_encoder=1,
-        num_layers_posterior_encoder=1,
-        num_layers_flow=1,
-        upsample_initial_channel_decoder=16,
-        resblock_kernel_sizes_decoder=[3],
-        resblock_dilation_sizes_decoder=[[1, 1, 1]],
-        init_discriminator=False,
-        use_sdp=False,
-    )
-    chars = CharactersConfig(
-        characters_class="TTS.tts.models.vits.VitsCharacters",
-        pad="_",
-        eos="",
-        bos="",
-        blank=None,
-        characters="abcdefghijklmnopqrstuvwxyz0123456789",
-        punctuations=".,;:!?'\"()- ",
-        phonemes=None,
-    )
-    cfg = VitsConfig(model_args=args, use_phonemes=False, text_cleaner="basic_cleaners", characters=chars)
-    cfg.audio.sample_rate = 22050
-    model = Vits(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg.save_json(str(folder / "config.json"))
-    torch.save({"model": model.state_dict()}, folder / "model.pth")
-    return folder
-
-
 def _task_conf(task: str) -> tuple[int, float | None]:
     """(batch_size, train_max_seconds) from conf/tasks/<task>.yaml's data.init_args."""
     import yaml
@@ -224,7 +187,7 @@ def backend_rtfs(ws: Workspace, texts: list[str], backends: tuple[str, ...]) -> 
         log(f"pipeline: {name} real-time factor over {len(texts) - 1} texts")
         try:
             if name == "coqui":
-                synth = make_synth("coqui", model_path=str(tiny_vits(ws.tmp / "vits")))
+                synth = make_synth("coqui", model_path=str(random_vits(ws.tmp / "vits")))
                 label = "coqui (tiny random VITS)"
             else:
                 synth = make_synth(name)
@@ -274,7 +237,9 @@ def measure(
     out: dict[str, Any] = {"loader": []}
     for workers in (0, 2):
         log(f"pipeline: warm cache ({warm_backend}), {workers} workers, {n_warm} batches")
-        out["loader"].append({"cache": "warm", **loader_rate(ws, warm_backend, ws.warm_cache, workers, n_warm)})
+        out["loader"].append(
+            {"cache": "warm", **loader_rate(ws, warm_backend, ws.warm_cache, workers, n_warm)}
+        )
     for backend in cold_backends:
         for workers in (0, 2) if backend == "piper" else (2,):
             log(f"pipeline: cold cache ({backend}), {workers} workers, {n_cold} batches")

@@ -27,6 +27,7 @@ from rewiring.synthesis import (
     normalize_text,
 )
 from rewiring.synthesis.command import BACKENDS, make_synthesizer, synthesize_command
+from rewiring.synthesis.coqui import random_vits
 
 BAD_TEXTS = ["", "   \n\t", "?!... --", "word " * 100, "héllo wörld", "こんにちは", "price: 5€"]
 
@@ -72,50 +73,11 @@ class Tone(Synthesizer):
         return (0.5 * np.sin(2 * np.pi * self.freq * t)).astype(np.float32), self.sample_rate
 
 
-def tiny_vits(folder: Path) -> Path:
-    """A character-based VITS with random weights, saved as config.json + model.pth."""
-    from TTS.tts.configs.shared_configs import CharactersConfig
-    from TTS.tts.configs.vits_config import VitsArgs, VitsConfig
-    from TTS.tts.models.vits import Vits
-
-    torch.manual_seed(0)
-    args = VitsArgs(
-        hidden_channels=16,
-        hidden_channels_ffn_text_encoder=32,
-        num_heads_text_encoder=1,
-        num_layers_text_encoder=1,
-        num_layers_posterior_encoder=1,
-        num_layers_flow=1,
-        upsample_initial_channel_decoder=16,
-        resblock_kernel_sizes_decoder=[3],
-        resblock_dilation_sizes_decoder=[[1, 1, 1]],
-        init_discriminator=False,
-        use_sdp=False,
-    )
-    chars = CharactersConfig(
-        characters_class="TTS.tts.models.vits.VitsCharacters",
-        pad="_",
-        eos="",
-        bos="",
-        blank=None,
-        characters="abcdefghijklmnopqrstuvwxyz0123456789",
-        punctuations=".,;:!?'\"()- ",
-        phonemes=None,
-    )
-    cfg = VitsConfig(model_args=args, use_phonemes=False, text_cleaner="basic_cleaners", characters=chars)
-    cfg.audio.sample_rate = 22050
-    model = Vits(cfg)
-    folder.mkdir(parents=True, exist_ok=True)
-    cfg.save_json(str(folder / "config.json"))
-    torch.save({"model": model.state_dict()}, folder / "model.pth")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def vits_dir(tmp_path_factory):
     if not _has("TTS.api"):
         pytest.skip("coqui-tts not importable")
-    return tiny_vits(tmp_path_factory.mktemp("vits"))
+    return random_vits(tmp_path_factory.mktemp("vits"))
 
 
 BACKEND_PARAMS = [

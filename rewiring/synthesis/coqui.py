@@ -123,3 +123,49 @@ class CoquiSynthesizer(Synthesizer):
         if wav.size > PAD_SILENCE_SAMPLES and not wav[-PAD_SILENCE_SAMPLES:].any():
             wav = wav[:-PAD_SILENCE_SAMPLES]
         return wav, int(tts.synthesizer.output_sample_rate)
+
+
+def random_vits(folder: str | Path) -> Path:
+    """A tiny character-based VITS with random weights, saved as config.json + model.pth in FOLDER.
+
+    No coqui voice can be downloaded offline; this exercises the real loading and inference path
+    (shape, sample rate, resampling, caching) and says nothing about the sound.
+    """
+    import torch
+    from TTS.tts.configs.shared_configs import CharactersConfig
+    from TTS.tts.configs.vits_config import VitsArgs, VitsConfig
+    from TTS.tts.models.vits import Vits
+
+    folder = Path(folder)
+
+    torch.manual_seed(0)
+    args = VitsArgs(
+        hidden_channels=16,
+        hidden_channels_ffn_text_encoder=32,
+        num_heads_text_encoder=1,
+        num_layers_text_encoder=1,
+        num_layers_posterior_encoder=1,
+        num_layers_flow=1,
+        upsample_initial_channel_decoder=16,
+        resblock_kernel_sizes_decoder=[3],
+        resblock_dilation_sizes_decoder=[[1, 1, 1]],
+        init_discriminator=False,
+        use_sdp=False,
+    )
+    chars = CharactersConfig(
+        characters_class="TTS.tts.models.vits.VitsCharacters",
+        pad="_",
+        eos="",
+        bos="",
+        blank=None,
+        characters="abcdefghijklmnopqrstuvwxyz0123456789",
+        punctuations=".,;:!?'\"()- ",
+        phonemes=None,
+    )
+    cfg = VitsConfig(model_args=args, use_phonemes=False, text_cleaner="basic_cleaners", characters=chars)
+    cfg.audio.sample_rate = 22050
+    model = Vits(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg.save_json(str(folder / "config.json"))
+    torch.save({"model": model.state_dict()}, folder / "model.pth")
+    return folder
