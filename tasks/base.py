@@ -799,25 +799,13 @@ class CTCTaskModule(TaskModule):
     def __init__(
         self,
         encoder: SpeechEncoder,
-        protocol: Protocol = "superb",
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_head: float = 1e-3,
-        lr_encoder: float = 5e-5,
-        freeze_encoder_steps: int = 0,
-        early_stopping_patience: int | None = None,
         lstm_hidden: int = 256,
         lstm_layers: int = 2,
         dropout: float = 0.2,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            encoder,
-            protocol=protocol,
-            optimizer=optimizer,
-            lr_head=lr_head,
-            lr_encoder=lr_encoder,
-            freeze_encoder_steps=freeze_encoder_steps,
-            early_stopping_patience=early_stopping_patience,
-        )
+        # TaskModule's arguments pass through **kwargs; jsonargparse reads them from super().__init__.
+        super().__init__(encoder, **kwargs)
         self.lstm_hidden = lstm_hidden
         self.lstm_layers = lstm_layers
         self.dropout = dropout
@@ -920,24 +908,12 @@ class ClassificationTaskModule(TaskModule):
     def __init__(
         self,
         encoder: SpeechEncoder,
-        protocol: Protocol = "superb",
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_head: float = 1e-3,
-        lr_encoder: float = 5e-5,
-        freeze_encoder_steps: int = 0,
-        early_stopping_patience: int | None = None,
         projector_dim: int | None = None,
         dropout: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            encoder,
-            protocol=protocol,
-            optimizer=optimizer,
-            lr_head=lr_head,
-            lr_encoder=lr_encoder,
-            freeze_encoder_steps=freeze_encoder_steps,
-            early_stopping_patience=early_stopping_patience,
-        )
+        # TaskModule's arguments pass through **kwargs; jsonargparse reads them from super().__init__.
+        super().__init__(encoder, **kwargs)
         self.projector_dim = projector_dim
         self.dropout = dropout
 

@@ -14,7 +14,6 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -23,7 +22,6 @@ from rewiring.encoder import SpeechEncoder
 from rewiring.manifest import Record, write_manifest
 from tasks.base import (
     PooledClassifier,
-    Protocol,
     Stage,
     TaskBatch,
     TaskDataModule,
@@ -110,24 +108,12 @@ class IntentClassification(TaskModule):
     def __init__(
         self,
         encoder: SpeechEncoder,
-        protocol: Protocol = "superb",
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_head: float = 1e-3,
-        lr_encoder: float = 5e-5,
-        freeze_encoder_steps: int = 0,
-        early_stopping_patience: int | None = None,
         projector_dim: int | None = None,
         dropout: float = 0.0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            encoder,
-            protocol=protocol,
-            optimizer=optimizer,
-            lr_head=lr_head,
-            lr_encoder=lr_encoder,
-            freeze_encoder_steps=freeze_encoder_steps,
-            early_stopping_patience=early_stopping_patience,
-        )
+        # TaskModule's arguments pass through **kwargs; jsonargparse reads them from super().__init__.
+        super().__init__(encoder, **kwargs)
         self.projector_dim = projector_dim
         self.dropout = dropout
 

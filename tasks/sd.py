@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import Metric
 
@@ -29,7 +28,6 @@ from rewiring.manifest import Record, audio_path, write_manifest
 from tasks.base import (
     Item,
     ManifestDataset,
-    Protocol,
     Stage,
     TaskBatch,
     TaskDataModule,
@@ -193,25 +191,13 @@ class SpeakerDiarization(TaskModule):
     def __init__(
         self,
         encoder: SpeechEncoder,
-        protocol: Protocol = "superb",
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        lr_head: float = 1e-3,
-        lr_encoder: float = 5e-5,
-        freeze_encoder_steps: int = 0,
-        early_stopping_patience: int | None = None,
         lstm_hidden: int = 512,
         lstm_layers: int = 1,
         threshold: float = 0.5,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            encoder,
-            protocol=protocol,
-            optimizer=optimizer,
-            lr_head=lr_head,
-            lr_encoder=lr_encoder,
-            freeze_encoder_steps=freeze_encoder_steps,
-            early_stopping_patience=early_stopping_patience,
-        )
+        # TaskModule's arguments pass through **kwargs; jsonargparse reads them from super().__init__.
+        super().__init__(encoder, **kwargs)
         self.lstm_hidden = lstm_hidden
         self.lstm_layers = lstm_layers
         self.threshold = threshold
