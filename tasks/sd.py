@@ -98,31 +98,9 @@ class SpeakerDiarizationData(TaskDataModule):
     task: ClassVar[str] = "sd"
     stratify: ClassVar[str | None] = None
 
-    def __init__(
-        self,
-        root: str = "data/embedded/small",
-        fraction: float | None = None,
-        amount: str | None = None,
-        split_seed: int = 0,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        max_seconds: float | None = 30.0,
-        on_bad_audio: Literal["error", "skip"] = "skip",
-        bucket_by_length: bool = True,
-        num_speakers: int = 2,
-        crop_seconds: float | None = 20.0,
-    ) -> None:
-        super().__init__(
-            root=root,
-            fraction=fraction,
-            amount=amount,
-            split_seed=split_seed,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            max_seconds=max_seconds,
-            on_bad_audio=on_bad_audio,
-            bucket_by_length=bucket_by_length,
-        )
+    def __init__(self, num_speakers: int = 2, crop_seconds: float | None = 20.0, **kwargs: Any) -> None:
+        # TaskDataModule's arguments pass through **kwargs; jsonargparse reads them from super().__init__.
+        super().__init__(**kwargs)
         if num_speakers < 1:
             raise ValueError(f"num_speakers must be >= 1, got {num_speakers}")
         if crop_seconds is not None and crop_seconds <= 0:

@@ -8,7 +8,7 @@ evaluation reads whole utterances.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import Any, ClassVar
 
 from rewiring.audio import duration_seconds
 from rewiring.manifest import Record, write_manifest
@@ -35,30 +35,10 @@ class SpeakerIdentificationData(ClassificationDataModule):
     stratify: ClassVar[str | None] = "speaker"
     label_field: ClassVar[str] = "speaker"
 
-    def __init__(
-        self,
-        root: str = "data/embedded/small",
-        fraction: float | None = None,
-        amount: str | None = None,
-        split_seed: int = 0,
-        batch_size: int = 8,
-        num_workers: int = 0,
-        max_seconds: float | None = None,
-        on_bad_audio: Literal["error", "skip"] = "skip",
-        bucket_by_length: bool = True,
-        train_max_seconds: float | None = 8.0,
-    ) -> None:
-        super().__init__(
-            root=root,
-            fraction=fraction,
-            amount=amount,
-            split_seed=split_seed,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            max_seconds=max_seconds,
-            on_bad_audio=on_bad_audio,
-            bucket_by_length=bucket_by_length,
-        )
+    def __init__(self, max_seconds: float | None = None, train_max_seconds: float | None = 8.0, **kwargs: Any) -> None:
+        # Whole VoxCeleb utterances can be long: no length limit by default (training reads a window).
+        # TaskDataModule's other arguments pass through **kwargs; jsonargparse reads them from super().__init__.
+        super().__init__(max_seconds=max_seconds, **kwargs)
         if train_max_seconds is not None and not train_max_seconds > 0:
             raise ValueError(f"train_max_seconds must be > 0 or None, got {train_max_seconds}")
         self.train_crop_seconds = train_max_seconds
