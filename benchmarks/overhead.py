@@ -6,19 +6,26 @@ Trainer with the configured logger and callbacks; a `StepTimer` callback stamps 
 Bare loop: the same model class, loss, optimizer and data module (instantiated from the same
 arguments with `run=False`), the batches pre-loaded into memory, then
 `zero_grad; loss = f(batch); loss.backward(); step` and nothing else.
+
+The two are interleaved step by step: right after Lightning's step k, in the same process, the bare
+loop runs its step k on the same batch (its own copy of the model and optimizer), outside Lightning's
+timing. A shared 2-core VM drifts by 10-20% over tens of seconds; run one after the other, that drift
+moved the base-sized ratio between 0.93x and 1.21x from run to run, while steps a second apart see
+the same machine.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import math
 import time
 from typing import Any
 
 import torch
 
-from benchmarks.common import Case, Workspace, log, ratio, steady, summarize
-from benchmarks.timer import StepTimer
+from benchmarks.common import Case, Workspace, batch_audio, batch_shape, log, ratio, steady, summarize
+from benchmarks.timer import StepTimer, interleaved
 
 
 def _cli(args: list[str], run: bool):
@@ -34,11 +41,18 @@ def _timer(trainer) -> StepTimer:
     raise RuntimeError("StepTimer callback missing from the trainer")
 
 
+# Actions that hold the interleaved bare steps (StepTimer.on_train_batch_end runs them, the epoch
+# holds every callback): not Lightning's time, so left out of the profile table.
+_HOLDS_BARE = ("StepTimer", "run_training_epoch")
+
+
 def _profile_summary(profiler, n_steps: int, top: int = 14) -> list[dict[str, Any]]:
     """SimpleProfiler's actions by total time (nested actions overlap: run_training_batch holds the step)."""
     durations = getattr(profiler, "recorded_durations", {}) or {}
     rows = []
     for action, ds in durations.items():
+        if any(h in action for h in _HOLDS_BARE):
+            continue
         total = float(sum(ds))
         rows.append(
             {
@@ -73,9 +87,9 @@ def run_lightning(ws: Workspace, case: Case, bare: dict[str, Any], *, profiler: 
     t_call_wall = time.time()
     t0 = time.perf_counter()
     cli = _cli(case.cli_args(ws, profiler=profiler, steps=total), run=True)
-    wall = time.perf_counter() - t0
     t_end_wall = time.time()
     timer = _timer(cli.trainer)
+    wall = time.perf_counter() - t0 - timer.between_seconds()  # less the interleaved bare steps
     n = len(timer.ends)
     same = [tuple(s) for s in timer.shapes] == [tuple(s) for s in bare["shapes"][:n]]
     if same:
@@ -113,6 +127,7 @@ def run_lightning(ws: Workspace, case: Case, bare: dict[str, Any], *, profiler: 
             "loop": timer.timings()["loop_seconds"],
             # on_train_end -> cli_main returns: checkpoint, logger flush, teardown
             "teardown": t_end_wall - stamps.get("train_end", t_end_wall),
+            "interleaved_bare": timer.between_seconds(),
         },
         "raw": {"steps": timer.step_times(), "cpu_steps": timer.cpu_step_times(), "gaps": timer.gaps(),
                 "bodies": timer.bodies()},  # fmt: skip
@@ -146,18 +161,27 @@ def _usable(batch) -> bool:
 
 
 def _init_hparams(model) -> dict[str, Any]:
-    """The module's saved init arguments (LightningCLI adds `_class_path` and the like)."""
+    """The module's saved init arguments (LightningCLI adds `_class_path` and the like).
+
+    Task modules take their base class's arguments through `**kwargs`, so the names come from every
+    `__init__` along the class's MRO, not from its own signature alone.
+    """
     import inspect
 
-    params = inspect.signature(type(model).__init__).parameters
-    return {k: v for k, v in model.hparams.items() if k in params and k not in ("encoder", "optimizer")}
+    names: set[str] = set()
+    for cls in type(model).__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            names |= set(inspect.signature(init).parameters)
+    keep = {k: v for k, v in model.hparams.items() if k in names and k not in ("self", "encoder", "optimizer")}
+    return keep
 
 
 class BareLoop:
     """The same model, loss, optimizer and batches in a plain loop (batches pre-loaded, untimed).
 
-    `run()` can be called before and after the Lightning run: averaging the two passes per batch
-    cancels a load that drifts during the measurement (their ratio is reported as the drift).
+    `step(k, shape)` runs batch k; the bench calls it right after Lightning's step k (see `interleaved`),
+    and records a mismatch when Lightning's batch k had another padded shape.
     """
 
     def __init__(self, ws: Workspace, case: Case) -> None:
@@ -191,113 +215,125 @@ class BareLoop:
             if len(self.batches) == before:
                 raise RuntimeError(f"{case.name}: the data module gives no usable batch")
         self.loss_fn = _loss_fn(self.model, case.stage)
+        self.audio = [batch_audio(b)[0] for b in self.batches]
+        self.source = [batch_audio(b)[1] for b in self.batches]
+        self.shapes = [batch_shape(b) for b in self.batches]
+        self.reset()
 
-    def run(self) -> tuple[list[float], list[float]]:
-        """Wall and CPU seconds of each step over all the batches."""
+    def reset(self) -> None:
+        """Forget the timings (a new interleaved run)."""
+        self.times: dict[int, float] = {}
+        self.cpu: dict[int, float] = {}
+        self.mismatched: list[int] = []
+
+    def step(self, k: int, shape: tuple[int, ...] | None = None) -> None:
+        """Batch k through zero_grad, loss, backward and the optimizer step, timed (wall and CPU)."""
+        if k >= len(self.batches):
+            return
+        if shape is not None and tuple(shape) != tuple(self.shapes[k]):
+            self.mismatched.append(k)
         self.model.train()
-        times, cpu = [], []
-        for batch in self.batches:
-            t, c = time.perf_counter(), time.process_time()
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self.loss_fn(batch)
-            loss.backward()
-            self.optimizer.step()
-            times.append(time.perf_counter() - t)
-            cpu.append(time.process_time() - c)
-        return times, cpu
+        batch = self.batches[k]
+        t, c = time.perf_counter(), time.process_time()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(batch)
+        loss.backward()
+        self.optimizer.step()
+        self.times[k] = time.perf_counter() - t
+        self.cpu[k] = time.process_time() - c
 
-    def summary(self, first: tuple[list[float], list[float]], second: tuple[list[float], list[float]] | None) -> dict:
-        """Per-step figures from one pass, or the per-batch mean of two (before and after Lightning)."""
-        from benchmarks.common import batch_audio, batch_shape
-
+    def summary(self) -> dict:
+        """Per-step figures of the steps run since the last `reset()`."""
         w = self.case.warmup
-        times, cpu = first
-        drift = None
-        if second is not None:
-            drift = summarize([b / a for a, b in zip(steady(first[0], w), steady(second[0], w), strict=True)])
-            # Warm-up steps come from the first pass only (the second starts warm).
-            times = times[:w] + [(a + b) / 2 for a, b in zip(first[0][w:], second[0][w:], strict=True)]
-            cpu = cpu[:w] + [(a + b) / 2 for a, b in zip(first[1][w:], second[1][w:], strict=True)]
-        audio = [batch_audio(b)[0] for b in self.batches]
-        source = [batch_audio(b)[1] for b in self.batches]
+        n = len(self.times)
+        times = [self.times[k] for k in range(n)]
+        cpu = [self.cpu[k] for k in range(n)]
         st = steady(times, w)
         params = list(self.model.parameters())
         return {
             "build_s": self.build_s,
-            "steps_run": len(times),
-            "audio_total_s": sum(audio),
-            "source_total_s": sum(source),
-            "loop_s": sum(first[0]),
+            "steps_run": n,
+            "audio_total_s": sum(self.audio[:n]),
+            "source_total_s": sum(self.source[:n]),
+            "loop_s": sum(times),
             "step_s": summarize(st),
             "cpu_step_s": summarize(steady(cpu, w)),
-            "drift_after_over_before": drift,
-            "steady_audio_per_s": sum(steady(audio, w)) / sum(st),
-            "steady_source_per_s": sum(steady(source, w)) / sum(st),
+            "mismatched_batches": list(self.mismatched),
+            "steady_audio_per_s": sum(steady(self.audio[:n], w)) / sum(st),
+            "steady_source_per_s": sum(steady(self.source[:n], w)) / sum(st),
             "params_m": sum(p.numel() for p in params) / 1e6,
             "trainable_m": sum(p.numel() for p in params if p.requires_grad) / 1e6,
-            "audio": audio,
-            "source": source,
-            "shapes": [batch_shape(b) for b in self.batches],
-            "raw": {
-                "steps": times,
-                "cpu_steps": cpu,
-                "before": first[0],
-                "after": second[0] if second else None,
-            },
+            "raw": {"steps": times, "cpu_steps": cpu},
         }
 
 
-def paired(light_steps: list[float], bare_steps: list[float], warmup: int) -> list[tuple[float, float]]:
-    """(Lightning, bare) seconds of the same step. Lightning's intervals run batch end to batch end,
-    so its j-th interval is step j+1; steps before `warmup` are left out."""
+def paired(light_steps: list[float], bare_steps: list[float], warmup: int) -> list[tuple[int, float, float]]:
+    """(k, Lightning, bare) seconds of the same step k. Lightning's intervals run batch end to batch
+    end, so its j-th interval is step j+1; steps before `warmup` are left out."""
     out = []
     for j, lt in enumerate(light_steps):
         k = j + 1
         if warmup <= k < len(bare_steps) and bare_steps[k] > 0:
-            out.append((lt, bare_steps[k]))
+            out.append((k, lt, bare_steps[k]))
+    return out
+
+
+def order_ratios(pairs: list[tuple[int, float, float]]) -> dict[str, Any]:
+    """Lightning / bare per step, split by which loop ran first on the batch, and their balance.
+
+    "ratio" is the geometric mean of the two orders' medians: each loop pays for running first on a
+    new batch shape in one half and not in the other, so the order's cost cancels out.
+    """
+    from benchmarks.timer import StepTimer
+
+    first = {
+        "bare_first": [lt / bt for k, lt, bt in pairs if StepTimer.bare_first(k)],
+        "lightning_first": [lt / bt for k, lt, bt in pairs if not StepTimer.bare_first(k)],
+    }
+    out: dict[str, Any] = {name: summarize(v) for name, v in first.items()}
+    meds = [out[name]["median"] for name in first if out[name]["median"] is not None]
+    out["ratio"] = math.prod(meds) ** (1 / len(meds)) if meds else None
+    out["all"] = summarize([lt / bt for _, lt, bt in pairs])
     return out
 
 
 def measure(ws: Workspace, case: Case, *, profile: bool = False) -> dict[str, Any]:
-    """Bare loop, then the Lightning run (then a shorter profiled Lightning run when `profile`), and
-    the ratios (Lightning / bare: above 1 means Lightning is slower)."""
-    log(f"overhead {case.name}: bare loop ({case.warmup}+{case.steps} steps)")
+    """The Lightning run with the bare loop's steps interleaved (then a shorter profiled run when
+    `profile`), and the ratios (Lightning / bare: above 1 means Lightning is slower)."""
+    log(f"overhead {case.name}: Lightning and the bare loop, interleaved ({case.warmup}+{case.steps} steps)")
     loop = BareLoop(ws, case)
-    before = loop.run()
-    first = loop.summary(before, None)  # its batches' audio and shapes, for the Lightning run
-    log(f"overhead {case.name}: Lightning ({case.warmup}+{case.steps} steps)")
-    light = run_lightning(ws, case, first)
-    log(f"overhead {case.name}: bare loop again (drift check)")
-    bare = loop.summary(before, loop.run())
-    del loop
-    gc.collect()
+    batches = {"audio": loop.audio, "source": loop.source, "shapes": loop.shapes}
+    with interleaved(loop.step):
+        light = run_lightning(ws, case, batches)
+    bare = loop.summary()
     out: dict[str, Any] = {"case": dict(case.__dict__), "bare": bare, "lightning": light}
-    # Paired: Lightning's step k against the bare loop's step k (the same batch), so the different
-    # lengths of bucketed batches cancel out.
+    # Paired: Lightning's step k against the bare loop's step k (the same batch, a second apart), so
+    # the different lengths of bucketed batches and the machine's drift cancel out.
     pairs = paired(light["raw"]["steps"], bare["raw"]["steps"], case.warmup)
-    out["ratio_steady"] = summarize([lt / bt for lt, bt in pairs])
-    out["ratio_steady_total"] = ratio(sum(lt for lt, _ in pairs), sum(bt for _, bt in pairs))
-    cpu_pairs = paired(light["raw"]["cpu_steps"], bare["raw"]["cpu_steps"], case.warmup)
-    out["ratio_steady_cpu"] = summarize([lt / bt for lt, bt in cpu_pairs])
+    out["ratio_steady"] = order_ratios(pairs)
+    out["ratio_steady_total"] = ratio(sum(lt for _, lt, _ in pairs), sum(bt for _, _, bt in pairs))
+    out["ratio_steady_cpu"] = order_ratios(paired(light["raw"]["cpu_steps"], bare["raw"]["cpu_steps"], case.warmup))
     # End to end: seconds per audio-second, everything included (bare: model build + its steps).
     e2e_light = light["wall_s"] / light["audio_total_s"] if light["audio_total_s"] else None
     e2e_bare = (bare["build_s"] + bare["loop_s"]) / bare["audio_total_s"] if bare["audio_total_s"] else None
     out["ratio_end_to_end"] = ratio(e2e_light, e2e_bare)
-    out["extra_per_step_ms"] = 1000 * sum(lt - bt for lt, bt in pairs) / len(pairs)
+    out["extra_per_step_ms"] = 1000 * sum(lt - bt for _, lt, bt in pairs) / len(pairs)
     out["gap_per_step_ms"] = 1000 * light["gap_s"]["median"]
     # Fixed cost: everything outside the training loop (parse, instantiate, setup, workers, teardown).
     out["outside_loop_s"] = light["wall_s"] - light["phases_s"]["loop"]
-    out["mean_step_s"] = sum(lt for lt, _ in pairs) / len(pairs)
+    out["mean_step_s"] = sum(lt for _, lt, _ in pairs) / len(pairs)
     if profile:
         short = dataclasses.replace(case, warmup=1, steps=min(case.steps, 5))
         log(f"overhead {case.name}: Lightning with SimpleProfiler ({short.warmup}+{short.steps} steps)")
-        prof = run_lightning(ws, short, bare, profiler=True)
-        prof_pairs = paired(prof["raw"]["steps"], bare["raw"]["steps"], 1)
+        loop.reset()
+        with interleaved(loop.step):
+            prof = run_lightning(ws, short, batches, profiler=True)
+        prof_pairs = paired(prof["raw"]["steps"], loop.summary()["raw"]["steps"], 1)
         out["profiled"] = {
             "step_s": prof["step_s"],
-            "ratio_steady": summarize([lt / bt for lt, bt in prof_pairs]),
+            "ratio_steady": order_ratios(prof_pairs),
             "profile": prof["profile"],
         }
-    for key in ("audio", "source", "shapes"):
-        bare.pop(key)
+    del loop
+    gc.collect()
     return out

@@ -38,12 +38,12 @@ SECTIONS = ("overhead", "pipeline", "scaling", "sweep")
 def cases(quick: bool, synth: str) -> list[Case]:
     """The four setups of section 1: tiny and wav2vec2-base-sized encoders, rewiring and ks fine-tuning."""
     tw, ts = (1, 2) if quick else (3, 12)
-    bw, bs = (1, 1) if quick else (1, 3)
+    bw, bs = (1, 1) if quick else (2, 10)
     return [
         # conf/stages/rewire.yaml's batch of 8 pairs; conf/tasks/ks.yaml's batch of 16.
         Case("tiny-rewire", "rewire", "tiny", batch_size=8, warmup=tw, steps=ts, synth=synth),
         Case("tiny-ks", "ks", "tiny", batch_size=16, warmup=tw, steps=ts, protocol="finetune"),
-        # The base-sized encoder is slow on one core: few steps, short utterances, small batches.
+        # The base-sized encoder is slow on one core (~2 s a step): short utterances, small batches.
         Case("base-rewire", "rewire", "base", batch_size=2, warmup=bw, steps=bs, max_seconds=1.5, synth=synth),
         Case("base-ks", "ks", "base", batch_size=4, warmup=bw, steps=bs, protocol="finetune"),
     ]

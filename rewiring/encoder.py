@@ -26,6 +26,7 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from contextlib import contextmanager, nullcontext
@@ -285,6 +286,16 @@ class SpeechEncoder(nn.Module):
         finally:
             for key, value in _RUN_OVERRIDES.items():
                 setattr(config, key, value)
+
+    def fingerprint(self) -> str:
+        """A hash of the HF model's weights and buffers (names, dtypes, shapes and bytes): two encoders
+        with the same fingerprint compute the same thing. About 0.3 s for wav2vec2-base."""
+        h = hashlib.blake2b(digest_size=32)
+        for name, tensor in self.model.state_dict().items():
+            t = tensor.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        return h.hexdigest()
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write an HF folder (config.json, model.safetensors, preprocessor_config.json).

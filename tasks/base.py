@@ -538,6 +538,10 @@ class TaskModule(LightningModule, ABC):
         freeze_encoder_steps: finetune: keep the encoder frozen for the first N steps (EncoderWarmup).
         early_stopping_patience: stop after this many validations without improving the primary
             metric; None: no early stopping.
+        save_frozen_encoder: copy a frozen (superb) encoder's weights into every checkpoint. By
+            default they are left out when the encoder comes from a folder or a hub name (it can be
+            rebuilt from there; a fingerprint checks it on load): a wav2vec2-base checkpoint is then
+            a few MB, not 380 MB. A config-dict encoder (random weights) is always copied.
     """
 
     task: ClassVar[str] = ""
@@ -553,6 +557,7 @@ class TaskModule(LightningModule, ABC):
         lr_encoder: float = 5e-5,
         freeze_encoder_steps: int = 0,
         early_stopping_patience: int | None = None,
+        save_frozen_encoder: bool = False,
     ) -> None:
         super().__init__()
         if protocol not in ("superb", "finetune"):
@@ -569,6 +574,8 @@ class TaskModule(LightningModule, ABC):
         self.lr_encoder = lr_encoder
         self.freeze_encoder_steps = freeze_encoder_steps
         self.early_stopping_patience = early_stopping_patience
+        self.save_frozen_encoder = save_frozen_encoder
+        self._encoder_fingerprint: str | None = None
         if protocol == "superb":
             encoder.configure(layers="weighted", freeze=True)
         else:  # the encoder config's layer choice; the CNN as its freeze_feature_encoder says
@@ -640,8 +647,27 @@ class TaskModule(LightningModule, ABC):
         details = "; ".join(f"{k}: {str(a.get(k))[:120]} vs {str(b.get(k))[:120]}" for k in keys)
         return f"the data spec of {name_a} and {name_b} differ ({details})"
 
+    # The frozen encoder's tensors in the module's state dict (SpeechEncoder keeps the HF model in .model).
+    FROZEN_PREFIX: ClassVar[str] = "encoder.model."
+
+    def leaves_out_encoder(self) -> bool:
+        """Whether checkpoints leave out the encoder's weights (see `save_frozen_encoder`)."""
+        return self.protocol == "superb" and not self.save_frozen_encoder and isinstance(self.encoder.source, str)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["task_spec"] = {"task": self.task, "spec": self.spec}
+        if self.leaves_out_encoder():
+            state = checkpoint["state_dict"]
+            keys = [k for k in state if k.startswith(self.FROZEN_PREFIX)]
+            for k in keys:
+                del state[k]
+            if self._encoder_fingerprint is None:  # superb never trains the encoder: hash it once
+                self._encoder_fingerprint = self.encoder.fingerprint()
+            checkpoint["frozen_encoder"] = {
+                "source": self.encoder.source,
+                "tensors": len(keys),
+                "fingerprint": self._encoder_fingerprint,
+            }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = checkpoint.get("task_spec")
@@ -653,6 +679,25 @@ class TaskModule(LightningModule, ABC):
             self.install_spec(saved["spec"])
         elif saved["spec"] != self.spec:
             raise ValueError(self._spec_mismatch(saved["spec"], self.spec, "the checkpoint", "this data"))
+        frozen = checkpoint.get("frozen_encoder")
+        if frozen is not None:
+            self._restore_frozen_encoder(checkpoint, frozen)
+
+    def _restore_frozen_encoder(self, checkpoint: dict[str, Any], frozen: dict[str, Any]) -> None:
+        """Put this module's own encoder weights where the checkpoint left them out, once their
+        fingerprint matches (so strict loading still checks every other tensor)."""
+        fingerprint = self.encoder.fingerprint()
+        if fingerprint != frozen["fingerprint"]:
+            raise ValueError(
+                f"the checkpoint left out its frozen encoder ({frozen['source']}, fingerprint "
+                f"{frozen['fingerprint'][:16]}), and the encoder built for this run from "
+                f"{self.encoder.describe()} has other weights (fingerprint {fingerprint[:16]}): load it with "
+                "the encoder it was trained on (or train with model.init_args.save_frozen_encoder=true)"
+            )
+        self._encoder_fingerprint = fingerprint
+        state = checkpoint["state_dict"]
+        for name, tensor in self.encoder.model.state_dict().items():
+            state[self.FROZEN_PREFIX + name] = tensor
 
     # ------------------------------------------------------------ steps
     def training_step(self, batch: TaskBatch | None, batch_idx: int) -> Tensor | None:

@@ -102,7 +102,9 @@ def test_bench_quick_smoke(mini_corpus, tmp_path):
 
     tiny = results["sections"]["overhead"]["tiny-rewire"]
     assert "error" not in tiny, tiny
-    assert tiny["ratio_steady"]["median"] > 0 and tiny["ratio_end_to_end"] > 0
+    assert tiny["ratio_steady"]["ratio"] > 0 and tiny["ratio_end_to_end"] > 0
+    assert tiny["ratio_steady"]["bare_first"]["n"] >= 1 and tiny["ratio_steady"]["lightning_first"]["n"] >= 1
+    assert not tiny["bare"]["mismatched_batches"]  # interleaved on the same batches
     assert tiny["lightning"]["audio_from"].startswith("bare batches")  # same batches in both loops
     assert tiny["lightning"]["steps_run"] == tiny["case"]["warmup"] + tiny["case"]["steps"]
     assert any("training_step" in row["action"] for row in tiny["profiled"]["profile"])

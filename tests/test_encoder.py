@@ -247,3 +247,14 @@ def test_other_family_members(model_type, tmp_path):
     again = SpeechEncoder(str(enc.save_pretrained(tmp_path / model_type)), layers="weighted").eval()
     with torch.no_grad():
         assert torch.equal(again(wav, mask).features, plain.features)
+
+
+def test_fingerprint_follows_the_weights(tmp_path):
+    torch.manual_seed(0)
+    enc = SpeechEncoder(SMALL)
+    fp = enc.fingerprint()
+    assert len(fp) == 64 and fp == enc.fingerprint()
+    assert SpeechEncoder(str(enc.save_pretrained(tmp_path / "e"))).fingerprint() == fp  # export keeps it
+    with torch.no_grad():
+        next(enc.model.parameters()).view(-1)[0] += 1e-3
+    assert enc.fingerprint() != fp

@@ -334,3 +334,57 @@ def test_ks_checkpoints_follow_the_metric_validate_test_and_resume(tiny_corpus, 
         )
         assert key in cli.trainer.callback_metrics
         assert 0.0 <= float(cli.trainer.callback_metrics[key]) <= 1.0
+
+
+@pytest.mark.slow
+def test_superb_checkpoints_leave_out_a_frozen_encoder_that_a_folder_rebuilds(tiny_corpus, tmp_path):
+    from rewiring.encoder import TINY_CONFIG, SpeechEncoder
+
+    folder = tmp_path / "encoder"
+    torch.manual_seed(1)
+    SpeechEncoder(TINY_CONFIG).save_pretrained(folder)
+
+    def fit(version: str, *extra: str):
+        return cli_main(
+            [
+                "fit",
+                *task_args("ks", tiny_corpus, tmp_path),
+                f"--model.init_args.encoder.init_args.source={folder}",
+                "--trainer.max_steps=2",
+                "--trainer.val_check_interval=2",
+                "--trainer.limit_val_batches=1",
+                f"--trainer.logger.init_args.version={version}",
+                *extra,
+            ]
+        )
+
+    cli = fit("slim")
+    encoder_keys = {"encoder.model." + k for k in cli.model.encoder.model.state_dict()}
+    last = tmp_path / "ks" / "slim" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, map_location="cpu", weights_only=False)
+    assert not encoder_keys & set(saved["state_dict"])  # the frozen encoder is left out ...
+    assert "encoder.layer_weights" in saved["state_dict"]  # ... but SUPERB's layer weights train
+    assert saved["frozen_encoder"]["tensors"] == len(encoder_keys)
+    assert saved["frozen_encoder"]["fingerprint"] == cli.model.encoder.fingerprint()
+
+    full = fit("full", "--model.init_args.save_frozen_encoder=true")
+    full_ckpt = tmp_path / "ks" / "full" / "checkpoints" / "last.ckpt"
+    assert encoder_keys <= set(torch.load(full_ckpt, map_location="cpu", weights_only=False)["state_dict"])
+    assert last.stat().st_size < full_ckpt.stat().st_size / 2
+    del full
+
+    # test from the slim checkpoint: the encoder comes back from its folder, strict loading passes
+    tested = cli_main(["test", *task_args("ks", tiny_corpus, tmp_path), f"--model.init_args.encoder.init_args.source={folder}",
+                       "--trainer.logger.init_args.version=test", f"--ckpt_path={last}"])  # fmt: skip
+    assert "test/acc" in tested.trainer.callback_metrics
+    # and a resumed fit restores it too
+    resumed = cli_main(["fit", "--config", str(tmp_path / "ks" / "slim" / "config.yaml"), "--trainer.max_steps=4",
+                        f"--ckpt_path={last}"])  # fmt: skip
+    assert resumed.trainer.global_step == 4
+
+    # the folder now holds other weights: a clear error, not a silently different model
+    torch.manual_seed(2)
+    SpeechEncoder(TINY_CONFIG).save_pretrained(folder)
+    with pytest.raises(ValueError, match="left out its frozen encoder"):
+        cli_main(["test", *task_args("ks", tiny_corpus, tmp_path), f"--model.init_args.encoder.init_args.source={folder}",
+                  "--trainer.logger.init_args.version=test2", f"--ckpt_path={last}"])  # fmt: skip
