@@ -8,7 +8,7 @@ CORPUS  ?= data/embedded/small
 # torch and torchaudio are pinned on every pip line, or pip moves them.
 TORCH   := "torch==2.9.1" "torchaudio==2.9.1"
 
-.PHONY: setup test lint demo corpus pretrain rewire sweep compare bench tensorboard lock clean
+.PHONY: setup test lint demo corpus pretrain rewire sweep compare bench bench-gpu tensorboard lock clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,10 @@ compare: setup
 
 bench: setup
 	$(PY) -m rewiring bench --out benchmarks
+
+# The wav2vec2-base-sized rewiring step in bf16-mixed on a CUDA device only (make bench includes it).
+bench-gpu: setup
+	$(PY) -m rewiring bench --out benchmarks/gpu --sections '[gpu]'
 
 tensorboard: setup
 	.venv/bin/tensorboard --logdir runs --port 6006

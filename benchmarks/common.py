@@ -275,6 +275,7 @@ class Case:
     num_workers: int = 2
     synth: str = "piper"
     protocol: str = "finetune"  # ks
+    extra: tuple[str, ...] = ()  # more CLI arguments (accelerator, precision)
 
     def cli_args(
         self, ws: Workspace, *, profiler: bool = False, timer_out: str | None = None, steps: int | None = None
@@ -314,6 +315,7 @@ class Case:
             f"--trainer.default_root_dir={ws.runs}",
             "--trainer.callbacks+=benchmarks.timer.StepTimer",
         ]
+        args += list(self.extra)
         if timer_out:
             args.append(f"--trainer.callbacks.init_args.out={timer_out}")
         if profiler:

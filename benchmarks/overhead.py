@@ -130,7 +130,7 @@ def run_lightning(ws: Workspace, case: Case, bare: dict[str, Any], *, profiler: 
             "interleaved_bare": timer.between_seconds(),
         },
         "raw": {"steps": timer.step_times(), "cpu_steps": timer.cpu_step_times(), "gaps": timer.gaps(),
-                "bodies": timer.bodies()},  # fmt: skip
+                "bodies": timer.bodies(), "shapes": [list(x) for x in timer.shapes]},  # fmt: skip
     }
     if profiler:
         out["profile"] = _profile_summary(cli.trainer.profiler, n)
@@ -177,6 +177,24 @@ def _init_hparams(model) -> dict[str, Any]:
     return keep
 
 
+def preload(dm, case: Case) -> list:
+    """The first warm-up + steps usable training batches of a set-up data module, in the order a
+    Lightning run with the same sampler seed sees them (loaded on the main process, untimed)."""
+    dm.num_workers = 0
+    total = case.warmup + case.steps
+    batches: list = []
+    while len(batches) < total:
+        before = len(batches)
+        for batch in dm.train_dataloader():
+            if _usable(batch):
+                batches.append(batch)
+            if len(batches) == total:
+                break
+        if len(batches) == before:
+            raise RuntimeError(f"{case.name}: the data module gives no usable batch")
+    return batches
+
+
 class BareLoop:
     """The same model, loss, optimizer and batches in a plain loop (batches pre-loaded, untimed).
 
@@ -202,18 +220,7 @@ class BareLoop:
         self.optimizer = self.model.configure_optimizers()
         self.build_s = time.perf_counter() - t0
 
-        dm.num_workers = 0  # pre-loading is not timed
-        total = case.warmup + case.steps
-        self.batches: list = []
-        while len(self.batches) < total:
-            before = len(self.batches)
-            for batch in dm.train_dataloader():
-                if _usable(batch):
-                    self.batches.append(batch)
-                if len(self.batches) == total:
-                    break
-            if len(self.batches) == before:
-                raise RuntimeError(f"{case.name}: the data module gives no usable batch")
+        self.batches = preload(dm, case)
         self.loss_fn = _loss_fn(self.model, case.stage)
         self.audio = [batch_audio(b)[0] for b in self.batches]
         self.source = [batch_audio(b)[1] for b in self.batches]

@@ -490,6 +490,37 @@ def _sweep(res: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _gpu(res: dict[str, Any]) -> list[str]:
+    lines = ["## 5. GPU: the rewiring step in bf16-mixed", ""]
+    if "skipped" in res:
+        return lines + [f"Skipped: {res['skipped']}. On a machine with a CUDA device, `make bench` runs it.", ""]
+    peak = res.get("peak_tflops")
+    lines += [
+        f"{res['device']}, {res['precision']}, through the full Lightning path (warm cache, 4 workers; the "
+        "device is synchronised at each step's end). Model FLOPs from the encoder config on each batch's "
+        "padded shapes (forward, and twice that for the backward of the trained parts); MFU = achieved "
+        f"FLOP/s over the card's dense bf16 peak ({_f(peak) + ' TFLOP/s' if peak else 'not in the table: no MFU'}).",
+        "",
+    ]
+    rows = []
+    for name, r in res.get("cases", {}).items():
+        if "error" in r:
+            rows.append((name, "failed", r["error"][:80], "", "", "", ""))
+            continue
+        mfu = r.get("mfu")
+        rows.append((name, _med(r["step_s"]), _spread(r["step_s"]), _f(r["steady_audio_per_s"]),
+                     _f(r["achieved_tflops"]), "–" if mfu is None else f"{100 * mfu:.1f}%",
+                     _f(r.get("max_memory_gb"))))  # fmt: skip
+    lines += _table(("case", "step (s)", "spread", "audio-s/s", "achieved TFLOP/s", "MFU", "peak memory (GB)"), rows)
+    ok = [r for r in res.get("cases", {}).values() if "error" not in r and r.get("steady_source_per_s")]
+    if ok:
+        best = max(ok, key=lambda r: r["steady_source_per_s"])
+        per_s = best["steady_source_per_s"]  # seconds of source audio per second = audio-hours per hour
+        lines += ["", f"**What it means.** At batch {best['batch']}, a rewiring epoch costs {_f(3600 / per_s)} "
+                  f"GPU-seconds per hour of source audio: {_f(per_s)} hours of audio per GPU-hour."]  # fmt: skip
+    return lines + [""]
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results.get("meta", {})
     lines = ["# rewiring benchmarks", ""]
@@ -513,6 +544,8 @@ def render(results: dict[str, Any]) -> str:
         lines += _scaling(sections["scaling"])
     if "sweep" in sections:
         lines += _sweep(sections["sweep"])
+    if "gpu" in sections:
+        lines += _gpu(sections["gpu"])
     timings = meta.get("section_s", {})
     if timings:
         lines += ["## Bench time per section", ""]

@@ -32,7 +32,7 @@ from benchmarks.common import (
     warm_cache,
 )
 
-SECTIONS = ("overhead", "pipeline", "scaling", "sweep")
+SECTIONS = ("overhead", "pipeline", "scaling", "sweep", "gpu")
 
 
 def cases(quick: bool, synth: str) -> list[Case]:
@@ -106,7 +106,7 @@ def run_benchmarks(
     Args:
         out: folder for the results.
         quick: few repeats (a smoke run, not for reporting).
-        sections: which of overhead, pipeline, scaling, sweep to run.
+        sections: which of overhead, pipeline, scaling, sweep, gpu to run (gpu: skipped without CUDA).
         corpus: an embedded-corpus root to run on (default: the tiny embedded corpus, built once
             under cache/bench/embedded/tiny).
         case_names: which section-1 cases (tiny-rewire, tiny-ks, base-rewire, base-ks); all by default.
@@ -232,3 +232,11 @@ def _run(ws: Workspace, results: dict[str, Any], out_dir: Path, o: _Options) -> 
         t = time.perf_counter()
         results["sections"]["sweep"] = sweep.measure(ws, o.quick)
         sec["4 sweep"] = time.perf_counter() - t
+        _write(out_dir, results)
+
+    if "gpu" in o.sections:
+        from benchmarks import gpu
+
+        t = time.perf_counter()
+        results["sections"]["gpu"] = gpu.measure(ws, o.quick, o.synth)
+        sec["5 gpu"] = time.perf_counter() - t

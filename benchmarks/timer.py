@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from lightning.pytorch import Callback
 
 from benchmarks.common import batch_shape
@@ -83,6 +84,9 @@ class StepTimer(Callback):
         self.starts.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        device = getattr(pl_module, "device", None)
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)  # the step's kernels have run, not just been queued
         self.ends.append(time.perf_counter())
         self.cpu_ends.append(time.process_time())
         self.shapes.append(batch_shape(batch))

@@ -112,13 +112,15 @@ def compare(runs_dir: str, out: str = "reports/latest") -> None:
     print(f"report: {path}")
 
 
-def bench(out: str = "benchmarks", quick: bool = False) -> None:
-    """Measure framework overhead, the data pipeline, scaling and sweep overhead.
+def bench(out: str = "benchmarks", quick: bool = False, sections: list[str] | None = None) -> None:
+    """Measure framework overhead, the data pipeline, scaling, sweep overhead and (with CUDA) the GPU step.
 
     Args:
         out: folder for results.md and results.json.
         quick: fewer repeats (a smoke run, not for reporting).
+        sections: some of overhead, pipeline, scaling, sweep, gpu (default: all; gpu is skipped
+            without a CUDA device).
     """
-    from benchmarks.run import run_benchmarks
+    from benchmarks.run import SECTIONS, run_benchmarks
 
-    run_benchmarks(out=out, quick=quick)
+    run_benchmarks(out=out, quick=quick, sections=tuple(sections) if sections else SECTIONS)

@@ -12,7 +12,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `benchmarks` is run from the repository root, not installed
     sys.path.insert(0, str(REPO))
 
-from benchmarks.common import max_rss_mb, summarize  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.common import SAMPLE_RATE, Workspace, max_rss_mb, prepare_data, summarize, warm_cache  # noqa: E402
+from benchmarks.gpu import peak_tflops, step_flops  # noqa: E402
 from benchmarks.scaling import fit_quadratic  # noqa: E402
 from benchmarks.timer import StepTimer  # noqa: E402
 
@@ -84,7 +87,7 @@ def test_bench_quick_smoke(mini_corpus, tmp_path):
     results = run_benchmarks(
         out=str(out),
         quick=True,
-        sections=("overhead", "pipeline", "scaling"),
+        sections=("overhead", "pipeline", "scaling", "gpu"),
         corpus=mini_corpus,
         case_names=("tiny-rewire",),
         backends=("espeak",),
@@ -95,8 +98,11 @@ def test_bench_quick_smoke(mini_corpus, tmp_path):
         persist=tmp_path / "persist",
     )
     md = (out / "results.md").read_text()
-    for heading in ("## 1. Framework overhead", "## 2. Data pipeline", "## 3. Scaling", "**What it means.**"):
+    for heading in ("## 1. Framework overhead", "## 2. Data pipeline", "## 3. Scaling", "## 5. GPU",
+                    "**What it means.**"):  # fmt: skip
         assert heading in md
+    if not torch.cuda.is_available():
+        assert results["sections"]["gpu"] == {"skipped": "no CUDA device on this machine"}
     raw = json.loads((out / "results.json").read_text())
     assert raw["meta"]["torch_threads"] == 1
 
@@ -117,3 +123,60 @@ def test_bench_quick_smoke(mini_corpus, tmp_path):
     (point,) = results["sections"]["scaling"]["by_length"]
     assert "error" not in point, point
     assert point["rss_peak_mb"] >= point["rss_before_mb"] > 0
+
+
+def test_step_flops_and_card_peaks():
+    from rewiring.encoder import TINY_CONFIG
+
+    one = step_flops(TINY_CONFIG, [(1, 2 * SAMPLE_RATE)], conv_trained=True)
+    assert step_flops(TINY_CONFIG, [(3, 2 * SAMPLE_RATE)], conv_trained=True) == pytest.approx(3 * one)
+    assert step_flops(TINY_CONFIG, [(1, 2 * SAMPLE_RATE)] * 2, conv_trained=True) == pytest.approx(2 * one)
+    # a frozen conv encoder runs forward only: 2 of its 3 passes (2 FLOPs per MAC each) drop out
+    from benchmarks.scaling import flop_model
+
+    conv = flop_model(TINY_CONFIG)["conv_macs_per_s"] * 2
+    assert one - step_flops(TINY_CONFIG, [(1, 2 * SAMPLE_RATE)], conv_trained=False) == pytest.approx(2 * 2 * conv)
+    # attention grows as T^2: doubling the length more than doubles the step
+    assert step_flops(TINY_CONFIG, [(1, 4 * SAMPLE_RATE)], conv_trained=True) > 2 * one
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
+    assert peak_tflops("Some Future Card") is None
+
+
+@pytest.mark.slow
+def test_gpu_section_runs_its_path_on_the_cpu(mini_corpus, tmp_path):
+    """The GPU section's code (Lightning in bf16-mixed, FLOPs from the padded shapes, MFU) on the CPU
+    with the tiny encoder, so that a GPU machine only has to run it."""
+    from benchmarks import gpu
+
+    ws = Workspace(persist=tmp_path / "persist", tmp=tmp_path / "tmp", corpus=mini_corpus)
+    data = prepare_data(ws, build=False)
+    warm_cache(ws, "espeak", data["texts"])
+    res = gpu.measure(ws, True, "espeak", encoder="tiny", accelerator="cpu", precision="bf16-mixed", peak=1.0)
+    ((name, case),) = res["cases"].items()
+    assert "error" not in case, case
+    assert case["steady_audio_per_s"] > 0 and case["achieved_tflops"] > 0
+    assert case["mfu"] == pytest.approx(case["achieved_tflops"] / 1.0)
+    assert case["flops_per_step"]["median"] > 0
+    from benchmarks.report import _gpu
+
+    assert any(name in line and "%" in line for line in _gpu(res))
+
+
+@pytest.mark.parametrize("conv_trained", [True, False])
+def test_step_flops_agree_with_torch_flop_counter(conv_trained):
+    """The analytic FLOPs (the GPU section's MFU numerator) against torch's FlopCounterMode on a real
+    forward + backward. Dense positional conv (groups=1): the counter overcounts the backward of
+    grouped convolutions, which the analytic count gets right."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rewiring.encoder import TINY_CONFIG, SpeechEncoder
+
+    config = {**TINY_CONFIG, "num_conv_pos_embedding_groups": 1}
+    encoder = SpeechEncoder(config, freeze_feature_encoder=not conv_trained).train()
+    batch, samples = 2, 3 * SAMPLE_RATE
+    with FlopCounterMode(display=False) as counter:
+        out = encoder(torch.randn(batch, samples), torch.ones(batch, samples, dtype=torch.long))
+        out.features.sum().backward()
+    analytic = step_flops(config, [(batch, samples)], conv_trained=conv_trained)
+    assert counter.get_total_flops() == pytest.approx(analytic, rel=0.01)
