@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,14 +18,13 @@ from torch import Tensor
 from torchmetrics import Metric
 
 from rewiring.audio import duration_seconds
-from rewiring.encoder import SpeechEncoder
 from rewiring.manifest import Record, write_manifest
 from tasks.base import (
+    ClassificationTaskModule,
     PooledClassifier,
     Stage,
     TaskBatch,
     TaskDataModule,
-    TaskModule,
     relative_audio,
     require_file,
 )
@@ -94,28 +93,14 @@ class IntentClassificationData(TaskDataModule):
         return out
 
 
-class IntentClassification(TaskModule):
+class IntentClassification(ClassificationTaskModule):
     """IC head: mean over frames, one linear layer split into the three slots; sum of cross-entropies.
 
-    Args (besides TaskModule's): projector_dim (optional frame-wise projection before pooling),
-    dropout before the linear layer.
+    Args: as ClassificationTaskModule's (projector_dim, dropout, and TaskModule's); only the head is
+    split into the three slots, and the metrics are exact match over all three plus one per slot.
     """
 
     task: ClassVar[str] = "ic"
-    primary_metric: ClassVar[str] = "val/acc"
-    metric_mode: ClassVar[Literal["max", "min"]] = "max"
-
-    def __init__(
-        self,
-        encoder: SpeechEncoder,
-        projector_dim: int | None = None,
-        dropout: float = 0.0,
-        **kwargs: Any,
-    ) -> None:
-        # TaskModule's arguments pass through **kwargs; jsonargparse reads them from super().__init__.
-        super().__init__(encoder, **kwargs)
-        self.projector_dim = projector_dim
-        self.dropout = dropout
 
     def build_head(self, spec: dict[str, Any]) -> None:
         self.slot_sizes = [len(spec["slots"][s]) for s in SLOTS]

@@ -13,6 +13,37 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def task_cli(tmp_path):
+    """`cli_main` for one task on the tiny random encoder under fast_dev_run (batch 2, no workers),
+    everything written under tmp_path: `task_cli("asr", root, *extra_args, run=False)`."""
+    from rewiring.cli import cli_main
+
+    def run_cli(task: str, root: Path, *extra: str, run: bool = True):
+        return cli_main(
+            [
+                *(["fit"] if run else []),
+                "--config", str(REPO / "conf/base.yaml"),
+                "--config", str(REPO / "conf/encoder/tiny-random.yaml"),
+                "--config", str(REPO / f"conf/tasks/{task}.yaml"),
+                "--trainer.fast_dev_run=true",
+                "--trainer.enable_progress_bar=false",
+                f"--trainer.default_root_dir={tmp_path}",
+                f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+                f"--data.init_args.root={root}",
+                "--data.init_args.num_workers=0",
+                "--data.init_args.batch_size=2",
+                *extra,
+            ],
+            run=run,
+        )  # fmt: skip
+
+    return run_cli
+
+
 def pytest_collection_modifyitems(config, items):
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")

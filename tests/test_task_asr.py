@@ -2,7 +2,6 @@
 
 import json
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,35 +76,10 @@ def test_prepare_librispeech_errors_name_the_file(tmp_path):
 
 # ----------------------------------------------------------------------------- the module
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _cli(task, root, tmp_path, *extra, run=True):
-    from rewiring.cli import cli_main
-
-    return cli_main(
-        [
-            *(["fit"] if run else []),
-            "--config", str(REPO / "conf/base.yaml"),
-            "--config", str(REPO / "conf/encoder/tiny-random.yaml"),
-            "--config", str(REPO / f"conf/tasks/{task}.yaml"),
-            "--trainer.fast_dev_run=true",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-            f"--data.init_args.root={root}",
-            "--data.init_args.num_workers=0",
-            "--data.init_args.batch_size=2",
-            *extra,
-        ],
-        run=run,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("protocol", ["superb", "finetune"])
-def test_fast_dev_run(tiny_corpus, tmp_path, monkeypatch, protocol):
+def test_fast_dev_run(task_cli, tiny_corpus, tmp_path, monkeypatch, protocol):
     monkeypatch.chdir(tmp_path)
-    cli = _cli("asr", tiny_corpus, tmp_path, f"--model.init_args.protocol={protocol}")
+    cli = task_cli("asr", tiny_corpus, f"--model.init_args.protocol={protocol}")
     model = cli.model
     assert isinstance(model, asr.SpeechRecognition)
     assert model.primary_metric == "val/wer" and model.metric_mode == "min"
@@ -128,15 +102,17 @@ def _force_output(model, token: int) -> None:
         model.head.linear.bias[token] = 50.0
 
 
-def test_blank_only_model_warns(tiny_corpus, tmp_path, monkeypatch):
+@pytest.mark.parametrize("task", ["asr", "sf"])  # the two CTC tasks share the head and the warning
+def test_blank_only_model_warns(task, task_cli, tiny_corpus, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = _cli("asr", tiny_corpus, tmp_path, run=False)
+    cli = task_cli(task, tiny_corpus, run=False)
     model, dm = cli.model, cli.datamodule
     dm.setup("validate")
     model.install_spec(dm.spec)
     _force_output(model, 0)
     with pytest.warns(RuntimeWarning, match="predicts only blanks"):
         cli.trainer.validate(model, datamodule=dm)
+    assert float(cli.trainer.callback_metrics["val/blank_rate"]) == 1.0
     # a model that says something (one letter everywhere -> "a" after collapsing) does not warn
     _force_output(model, model.vocab.index["a"])
     with warnings.catch_warnings():

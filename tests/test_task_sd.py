@@ -1,6 +1,5 @@
 """SD: the LibriMix (SUPERB SD Kaldi-style) adapter on a tiny folder in the real layout, labels, the module."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -142,36 +141,10 @@ def test_training_crop_moves_the_turns(tmp_path):
 
 # ----------------------------------------------------------------------------- the module
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _cli(root, tmp_path, *extra, run=True):
-    from rewiring.cli import cli_main
-
-    return cli_main(
-        [
-            *(["fit"] if run else []),
-            "--config", str(REPO / "conf/base.yaml"),
-            "--config", str(REPO / "conf/encoder/tiny-random.yaml"),
-            "--config", str(REPO / "conf/tasks/sd.yaml"),
-            "--trainer.fast_dev_run=true",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-            f"--data.init_args.root={root}",
-            "--data.init_args.num_workers=0",
-            "--data.init_args.batch_size=2",
-            "--model.init_args.lstm_hidden=32",
-            *extra,
-        ],
-        run=run,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("protocol", ["superb", "finetune"])
-def test_fast_dev_run(tiny_corpus, tmp_path, monkeypatch, protocol):
+def test_fast_dev_run(task_cli, tiny_corpus, tmp_path, monkeypatch, protocol):
     monkeypatch.chdir(tmp_path)
-    cli = _cli(tiny_corpus, tmp_path, f"--model.init_args.protocol={protocol}")
+    cli = task_cli("sd", tiny_corpus, f"--model.init_args.protocol={protocol}", "--model.init_args.lstm_hidden=32")
     model = cli.model
     assert isinstance(model, sd.SpeakerDiarization)
     assert model.primary_metric == "val/der" and model.metric_mode == "min"
@@ -185,10 +158,10 @@ def test_fast_dev_run(tiny_corpus, tmp_path, monkeypatch, protocol):
     assert groups == ({"head"} if protocol == "superb" else {"head", "encoder"})
 
 
-def test_step_scores_an_oracle_with_either_speaker_order(tiny_corpus, tmp_path, monkeypatch):
+def test_step_scores_an_oracle_with_either_speaker_order(task_cli, tiny_corpus, tmp_path, monkeypatch):
     """With logits that match the labels (columns swapped: PIT and the DER mapping must not care)."""
     monkeypatch.chdir(tmp_path)
-    cli = _cli(tiny_corpus, tmp_path, run=False)
+    cli = task_cli("sd", tiny_corpus, "--model.init_args.lstm_hidden=32", run=False)
     model, dm = cli.model, cli.datamodule
     dm.setup("validate")
     model.install_spec(dm.spec)

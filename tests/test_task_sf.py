@@ -1,11 +1,9 @@
 """SF: the Audio SNIPS (SUPERB split) adapter on a tiny folder in the real layout, tagging, the module."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
-import torch
 
 from rewiring.manifest import read_manifest
 from tasks import sf as sf_task
@@ -139,35 +137,10 @@ def test_data_module_targets_and_vocabulary(tiny_corpus):
 
 # ----------------------------------------------------------------------------- the module
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _cli(root, tmp_path, *extra, run=True):
-    from rewiring.cli import cli_main
-
-    return cli_main(
-        [
-            *(["fit"] if run else []),
-            "--config", str(REPO / "conf/base.yaml"),
-            "--config", str(REPO / "conf/encoder/tiny-random.yaml"),
-            "--config", str(REPO / "conf/tasks/sf.yaml"),
-            "--trainer.fast_dev_run=true",
-            "--trainer.enable_progress_bar=false",
-            f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-            f"--data.init_args.root={root}",
-            "--data.init_args.num_workers=0",
-            "--data.init_args.batch_size=2",
-            *extra,
-        ],
-        run=run,
-    )  # fmt: skip
-
-
 @pytest.mark.parametrize("protocol", ["superb", "finetune"])
-def test_fast_dev_run(tiny_corpus, tmp_path, monkeypatch, protocol):
+def test_fast_dev_run(task_cli, tiny_corpus, tmp_path, monkeypatch, protocol):
     monkeypatch.chdir(tmp_path)
-    cli = _cli(tiny_corpus, tmp_path, f"--model.init_args.protocol={protocol}")
+    cli = task_cli("sf", tiny_corpus, f"--model.init_args.protocol={protocol}")
     model = cli.model
     assert isinstance(model, sf_task.SlotFilling)
     assert model.primary_metric == "val/slot_type_f1" and model.metric_mode == "max"
@@ -184,25 +157,6 @@ def test_fast_dev_run(tiny_corpus, tmp_path, monkeypatch, protocol):
     assert 0.0 <= float(logged["val/slot_type_f1"]) <= 1.0
     groups = {g["name"] for g in model.parameter_groups()}
     assert groups == ({"head"} if protocol == "superb" else {"head", "encoder"})
-
-
-def _force_output(model, token: int) -> None:
-    with torch.no_grad():
-        model.head.linear.weight.zero_()
-        model.head.linear.bias.fill_(-50.0)
-        model.head.linear.bias[token] = 50.0
-
-
-def test_blank_only_model_warns(tiny_corpus, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    cli = _cli(tiny_corpus, tmp_path, run=False)
-    model, dm = cli.model, cli.datamodule
-    dm.setup("validate")
-    model.install_spec(dm.spec)
-    _force_output(model, 0)
-    with pytest.warns(RuntimeWarning, match="predicts only blanks"):
-        cli.trainer.validate(model, datamodule=dm)
-    assert float(cli.trainer.callback_metrics["val/blank_rate"]) == 1.0
 
 
 def test_perfect_hypotheses_score_perfectly(tiny_corpus, tmp_path):
