@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import rewiring.sweep as sw
@@ -520,10 +521,17 @@ def test_toy_sweep_in_real_processes(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_real_task_sweep(tiny_corpus, tmp_path, capsys):
-    """One real task (ks, tiny corpus, random tiny encoder) through fit and test processes."""
+    """One real task (ks, tiny corpus, a tiny encoder folder) through fit and test processes; the
+    test process rebuilds the frozen encoder that the SUPERB checkpoint leaves out."""
+    from rewiring.encoder import TINY_CONFIG, SpeechEncoder
+
+    folder = SpeechEncoder(TINY_CONFIG).save_pretrained(tmp_path / "encoders" / "tiny")
+    encoder = tmp_path / "tiny.yaml"
+    encoder.write_text(yaml.safe_dump({"model": {"init_args": {"encoder": {
+        "class_path": "rewiring.encoder.SpeechEncoder", "init_args": {"source": str(folder)}}}}}))  # fmt: skip
     args = _spec_args(
         tmp_path,
-        encoder=str(REPO / "conf/encoder/tiny-random.yaml"),
+        encoder=str(encoder),
         seeds=[0],
         splits=["50%"],
         base_config=str(REPO / "conf/base.yaml"),
@@ -545,6 +553,8 @@ def test_real_task_sweep(tiny_corpus, tmp_path, capsys):
     conv = json.loads((run / "convergence.json").read_text())
     assert conv["metric"] == "val/acc" and conv["curve"]["steps"] == [2, 4]
     assert "test/acc" in json.loads((run / "test.json").read_text())["metrics"]
+    best = run / conv["checkpoint"]["best"]
+    assert "frozen_encoder" in torch.load(best, map_location="cpu", weights_only=False)
 
 
 def test_describe_reads_run_files(tmp_path):
