@@ -58,6 +58,7 @@ def synthesize(
     voice: str | None = None,
     model_path: str | None = None,
     config_path: str | None = None,
+    workers: int = 1,
 ) -> None:
     """Synthesise TEXT into OUT (a wav), or fill the cache for every text in MANIFEST.
 
@@ -70,11 +71,14 @@ def synthesize(
         voice: espeak voice (en-us+m3), festival voice, or coqui speaker.
         model_path: piper .onnx voice or coqui model file/folder.
         config_path: coqui config.json for a local model.
+        workers: with --manifest, synthesise on this many processes (one backend each).
     """
     from rewiring.synthesis.command import synthesize_command
 
     options = {k: v for k, v in {"voice": voice, "model_path": model_path, "config_path": config_path}.items() if v}
-    synthesize_command(backend=backend, text=text, manifest=manifest, out=out, cache_dir=cache_dir, **options)
+    synthesize_command(
+        backend=backend, text=text, manifest=manifest, out=out, cache_dir=cache_dir, workers=workers, **options
+    )
 
 
 def isotropy(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Literal
@@ -59,6 +60,13 @@ def _coin(seed: int, key: str) -> bool:
     return hashlib.sha256(f"{seed}:{key}".encode()).digest()[0] < 128
 
 
+def pair_kind(pairing: Pairing, seed: int, rec_id: str) -> str:
+    """twin or neutral for one utterance: the pairing itself, or the mixed pairing's coin."""
+    if pairing == "mixed":
+        return "twin" if _coin(seed, rec_id) else "neutral"
+    return pairing
+
+
 class PairDataset(Dataset):
     """One positive pair per item; `None` (counted by reason in the batch) when an item can't be paired."""
 
@@ -90,9 +98,7 @@ class PairDataset(Dataset):
         return len(self.items)
 
     def kind(self, rec: Record) -> str:
-        if self.pairing == "mixed":
-            return "twin" if _coin(self.seed, rec.id) else "neutral"
-        return self.pairing
+        return pair_kind(self.pairing, self.seed, rec.id)
 
     @staticmethod
     def _part(wav: Tensor, k: int, parts: int) -> Tensor:
@@ -172,6 +178,10 @@ class RewiringDataModule(LightningDataModule):
         conv_kernel, conv_stride: the encoder's conv layout (wav2vec 2.0's; checked against the
             encoder at fit start), so masks match its frame count.
         bucket_by_length: sort each epoch's batches by length so padding stays small.
+        prefill_workers: before training (`prepare_data`: once per node, before any DataLoader
+            worker starts), synthesise every neutral text the cache does not hold yet on this many
+            processes, so that training never waits on TTS (worth it on GPUs, or for several
+            epochs); 0 synthesises on demand in the DataLoader workers.
     """
 
     def __init__(
@@ -193,6 +203,7 @@ class RewiringDataModule(LightningDataModule):
         conv_kernel: tuple[int, ...] = WAV2VEC2_KERNELS,
         conv_stride: tuple[int, ...] = WAV2VEC2_STRIDES,
         bucket_by_length: bool = True,
+        prefill_workers: int = 0,
     ) -> None:
         super().__init__()
         if not 0 <= span_share < 1:
@@ -211,13 +222,15 @@ class RewiringDataModule(LightningDataModule):
         self.seed = seed
         self.on_bad_audio = on_bad_audio
         self.bucket_by_length = bucket_by_length
+        if prefill_workers < 0:
+            raise ValueError(f"data.prefill_workers must be >= 0, got {prefill_workers}")
+        self.prefill_workers = prefill_workers
         self.collate = PairCollate(conv_kernel, conv_stride, mask_prob, mask_span, min_masks)
         self.dataset: PairDataset | None = None
         self.skipped_long = 0
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.dataset is not None:
-            return
+    def _records(self) -> tuple[Path, list[Record]]:
+        """The manifest's records, less those over max_seconds (counted and logged)."""
         path = resolve_manifest(self.manifest)
         records = read_manifest(path)
         if self.max_seconds is not None:
@@ -226,13 +239,41 @@ class RewiringDataModule(LightningDataModule):
             if self.skipped_long:
                 log.info("skipped %d utterances over %.2f s in %s", self.skipped_long, self.max_seconds, path)
             records = kept
-        cache = None
-        if self.pairing in ("neutral", "mixed"):
-            if self.synthesizer is None:
-                from rewiring.synthesis import PiperSynthesizer
+        return path, records
 
-                self.synthesizer = PiperSynthesizer()
-            cache = SynthesisCache(self.synthesizer, root=self.cache_dir)
+    def _cache(self) -> SynthesisCache | None:
+        if self.pairing not in ("neutral", "mixed"):
+            return None
+        if self.synthesizer is None:
+            from rewiring.synthesis import PiperSynthesizer
+
+            self.synthesizer = PiperSynthesizer()
+        return SynthesisCache(self.synthesizer, root=self.cache_dir)
+
+    def prepare_data(self) -> None:
+        """With prefill_workers, fill the synthesis cache for every neutral text before training."""
+        cache = self._cache() if self.prefill_workers > 0 else None
+        if cache is None:
+            return
+        from rewiring.synthesis.command import fill_cache
+
+        path, records = self._records()
+        neutral = [r for r in records if pair_kind(self.pairing, self.seed, r.id) == "neutral"]
+        texts = list(dict.fromkeys(r.text for r in neutral if r.text))
+        start = time.perf_counter()
+        unsayable, stats = fill_cache(cache, texts, workers=self.prefill_workers)
+        log.info(
+            "prefilled the synthesis cache %s for %d neutral texts of %s in %.1f s on %d processes "
+            "(hits %d, misses %d, unsayable %d)",
+            self.cache_dir, len(texts), path, time.perf_counter() - start, self.prefill_workers,
+            stats["hits"], stats["misses"], len(unsayable),
+        )  # fmt: skip
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.dataset is not None:
+            return
+        path, records = self._records()
+        cache = self._cache()
         self.dataset = PairDataset(
             path, records, self.pairing, cache, self.span_share, self.seed, self.halve_over, self.on_bad_audio
         )

@@ -89,6 +89,22 @@ def test_neutral_pairs_come_from_the_cache_and_skips_are_counted(unlabelled, tmp
     assert batch["size"] == 4
 
 
+@pytest.mark.parametrize("pairing", ["neutral", "mixed"])
+def test_prefill_says_every_neutral_text_before_training(unlabelled, tmp_path, pairing):
+    dm = RewiringDataModule(manifest=str(unlabelled), pairing=pairing, synthesizer=EspeakSynthesizer(voice="en-us"),
+                            cache_dir=str(tmp_path / "tts"), batch_size=4, num_workers=0, prefill_workers=2)  # fmt: skip
+    dm.prepare_data()
+    dm.setup("fit")
+    items = [dm.dataset[i] for i in range(len(dm.dataset))]
+    neutral = [it for it in items if isinstance(it, dict) and it["kind"] == "neutral"]
+    assert neutral and dm.dataset.cache.misses == 0  # training reads every neutral view from the cache
+    assert dm.dataset.cache.hits == len(neutral)
+    # only the neutral texts were said (the mixed pairing's twin utterances need no TTS)
+    assert len(list((tmp_path / "tts").rglob("*.wav"))) == len({it["id"] for it in neutral})
+    if pairing == "mixed":
+        assert any(isinstance(it, dict) and it["kind"] == "twin" for it in items)
+
+
 def test_mixed_coin_is_seeded_and_uses_both(unlabelled, tmp_path):
     kinds = [_dm(unlabelled, "mixed", tmp_path, seed=s).dataset.kind for s in (0, 0, 1)]
     recs = [it[0] for it in _dm(unlabelled, "mixed", tmp_path).dataset.items]

@@ -445,7 +445,8 @@ def test_command_text_writes_one_wav(tmp_path, capsys):
 
 
 @needs_espeak
-def test_command_manifest_fills_the_cache(tmp_path, capsys):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_command_manifest_fills_the_cache(tmp_path, capsys, workers):
     lines = [
         {"id": "a", "audio": "a.wav", "duration": 1.0, "text": "Turn on the lights."},
         {"id": "b", "audio": "b.wav", "duration": 1.0, "text": "turn on   the lights."},
@@ -459,8 +460,9 @@ def test_command_manifest_fills_the_cache(tmp_path, capsys):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in lines))
     cache_dir = str(tmp_path / "cache")
     s = synthesize_command(
-        "espeak", None, str(manifest), None, cache_dir=cache_dir, batch_size=2, voice="en-gb"
+        "espeak", None, str(manifest), None, cache_dir=cache_dir, batch_size=2, voice="en-gb", workers=workers
     )
+    # with workers=2 the three backend batches of 2 texts go to two spawned processes: same counts
     assert (s["records"], s["hits"], s["misses"], s["skipped"]) == (7, 1, 2, 4)
     assert (s["skipped_no_text"], s["skipped_unsayable"]) == (2, 2)
     assert s["rtf"] is not None and s["rtf"] > 0

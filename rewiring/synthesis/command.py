@@ -52,6 +52,7 @@ def synthesize_command(
     cache_dir: str = "cache/tts",
     sample_rate: int = 16000,
     batch_size: int = 32,
+    workers: int = 1,
     **options: Any,
 ) -> dict:
     """With `text`, write its audio (through the cache) to `out`; with `manifest`, fill the cache
@@ -62,7 +63,7 @@ def synthesize_command(
     cache = SynthesisCache(make_synthesizer(backend, **options), root=cache_dir, sample_rate=sample_rate)
     if text is not None:
         return _one(cache, text, out)
-    return _fill(cache, manifest, batch_size)
+    return _fill(cache, manifest, batch_size, workers)
 
 
 def _one(cache: SynthesisCache, text: str, out: str | None) -> dict:
@@ -81,28 +82,90 @@ def _one(cache: SynthesisCache, text: str, out: str | None) -> dict:
     return summary
 
 
-def _fill(cache: SynthesisCache, manifest: str, batch_size: int) -> dict:
+_COUNTERS = ("hits", "misses", "corrupt", "synth_seconds", "synth_audio_seconds")
+_WORKER_CACHE: SynthesisCache | None = None
+
+
+def _say(cache: SynthesisCache, texts: list[str]) -> tuple[list[str], dict[str, float]]:
+    """Fill the cache for `texts` (one backend batch); the texts it cannot say, and the counters' change."""
+    before = {k: getattr(cache, k) for k in _COUNTERS}
+    wavs = cache.get_many(texts, skip_errors=True)
+    delta = {k: getattr(cache, k) - before[k] for k in _COUNTERS}
+    return [t for t, wav in zip(texts, wavs, strict=True) if wav is None], delta
+
+
+def _init_worker(synthesizer: Synthesizer, root: str, sample_rate: int) -> None:
+    global _WORKER_CACHE
+    import torch
+
+    torch.set_num_threads(1)
+    _WORKER_CACHE = SynthesisCache(synthesizer, root=root, sample_rate=sample_rate)
+
+
+def _say_in_worker(texts: list[str]) -> tuple[list[str], dict[str, float]]:
+    assert _WORKER_CACHE is not None
+    return _say(_WORKER_CACHE, texts)
+
+
+def fill_cache(
+    cache: SynthesisCache, texts: list[str], batch_size: int = 32, workers: int = 1
+) -> tuple[set[str], dict[str, Any]]:
+    """Say every text the cache does not hold yet, in backend batches of `batch_size`, on `workers`
+    processes (spawned, one backend each; the cache's atomic writes make that safe). Returns the
+    texts that cannot be said and the counters (hits, misses, corrupt, synthesis time and audio,
+    real-time factor) summed over the workers.
+    """
+    from concurrent.futures import ProcessPoolExecutor
+
     from tqdm import tqdm
 
+    size = max(1, batch_size)
+    chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
+    unsayable: set[str] = set()
+    totals = dict.fromkeys(_COUNTERS, 0.0)
+    pool = None
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing
+
+        pool = ProcessPoolExecutor(
+            max_workers=min(workers, len(chunks)),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(cache.synthesizer, str(cache.root), cache.sample_rate),
+        )
+        results = pool.map(_say_in_worker, chunks)
+    else:
+        results = (_say(cache, chunk) for chunk in chunks)
+    try:
+        with tqdm(total=len(texts), unit="text", desc=f"synthesize {cache.synthesizer.name}") as bar:
+            for chunk, (bad, delta) in zip(chunks, results, strict=True):
+                unsayable.update(bad)
+                for k in _COUNTERS:
+                    totals[k] += delta[k]
+                bar.update(len(chunk))
+                bar.set_postfix(hits=int(totals["hits"]), misses=int(totals["misses"]), skipped=len(unsayable))
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    stats: dict[str, Any] = {k: int(totals[k]) for k in ("hits", "misses", "corrupt")}
+    stats["synth_seconds"] = round(totals["synth_seconds"], 3)
+    stats["synth_audio_seconds"] = round(totals["synth_audio_seconds"], 3)
+    audio = totals["synth_audio_seconds"]
+    stats["rtf"] = round(totals["synth_seconds"] / audio, 4) if audio else None
+    return unsayable, stats
+
+
+def _fill(cache: SynthesisCache, manifest: str, batch_size: int, workers: int = 1) -> dict:
     from rewiring.manifest import read_manifest
 
     records = read_manifest(manifest)
     texts = [r.text for r in records if r.text is not None and r.text.strip()]
     no_text = len(records) - len(texts)
     unique = list(dict.fromkeys(texts))
-    unsayable: set[str] = set()
     start = time.perf_counter()
-    with tqdm(total=len(unique), unit="text", desc=f"synthesize {cache.synthesizer.name}") as bar:
-        for i in range(0, len(unique), max(1, batch_size)):
-            batch = unique[i : i + batch_size]
-            for t, wav in zip(batch, cache.get_many(batch, skip_errors=True), strict=True):
-                if wav is None:
-                    unsayable.add(t)
-            bar.update(len(batch))
-            bar.set_postfix(hits=cache.hits, misses=cache.misses, skipped=len(unsayable))
+    unsayable, stats = fill_cache(cache, unique, batch_size, workers)
     seconds = time.perf_counter() - start
     skipped = no_text + sum(t in unsayable for t in texts)
-    stats = cache.stats()
     summary = {
         "backend": cache.synthesizer.name,
         "manifest": str(manifest),
@@ -115,6 +178,7 @@ def _fill(cache: SynthesisCache, manifest: str, batch_size: int) -> dict:
         "skipped_unsayable": skipped - no_text,
         "corrupt": stats["corrupt"],
         "seconds": round(seconds, 2),
+        "workers": workers,
         "audio_seconds": stats["synth_audio_seconds"],
         "rtf": stats["rtf"],
     }
@@ -128,4 +192,4 @@ def _fill(cache: SynthesisCache, manifest: str, batch_size: int) -> dict:
     return summary
 
 
-__all__ = ["BACKENDS", "make_synthesizer", "synthesize_command"]
+__all__ = ["BACKENDS", "fill_cache", "make_synthesizer", "synthesize_command"]
