@@ -323,8 +323,8 @@ def _pipeline_meaning(res: dict[str, Any]) -> str:
     if piper.get("rtf"):
         parts.append(
             f"Piper says one second of audio in {_f(piper['rtf']['median'])} s of one core, so a cold cache "
-            "costs that per neutral view; fill the cache ahead of rewiring (`python -m rewiring synthesize "
-            "--manifest ...`) so that training never synthesises."
+            "costs that per neutral view; fill the cache ahead of rewiring (`--data.init_args.prefill_workers N`, "
+            "or `python -m rewiring synthesize --manifest ... --workers N`) so that training never synthesises."
         )
     pads = {p["bucket_by_length"]: p["padded_over_real"] for p in res.get("padding", [])}
     if True in pads and False in pads:
