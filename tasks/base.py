@@ -541,7 +541,7 @@ class TaskModule(LightningModule, ABC):
         save_frozen_encoder: copy a frozen (superb) encoder's weights into every checkpoint. By
             default they are left out when the encoder comes from a folder or a hub name (it can be
             rebuilt from there; a fingerprint checks it on load): a wav2vec2-base checkpoint is then
-            a few MB, not 380 MB. A config-dict encoder (random weights) is always copied.
+            0.1 MB, not 378 MB. A config-dict encoder (random weights) is always copied.
     """
 
     task: ClassVar[str] = ""
