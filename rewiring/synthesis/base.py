@@ -100,6 +100,13 @@ class Synthesizer(ABC):
     def cache_params(self) -> dict:
         """Voice and every parameter that changes the audio, JSON-serialisable."""
 
+    def reseed(self, seed: int) -> None:
+        """Restart the backend's sampling noise from `seed`, so that the texts said next sound the
+        same on any machine and in any process; `fill_cache` calls it before each batch of texts.
+        A no-op here: festival and espeak have no sampling noise, and coqui draws its noise from
+        torch's global generator, which belongs to the training run."""
+        return None
+
     def _checked(self, wav: np.ndarray, sr: int, text: str) -> tuple[np.ndarray, int]:
         """Common post-condition: a non-empty, finite, non-silent float32 mono waveform."""
         wav = np.asarray(wav, dtype=np.float32).reshape(-1)

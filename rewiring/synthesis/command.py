@@ -86,8 +86,10 @@ _COUNTERS = ("hits", "misses", "corrupt", "synth_seconds", "synth_audio_seconds"
 _WORKER_CACHE: SynthesisCache | None = None
 
 
-def _say(cache: SynthesisCache, texts: list[str]) -> tuple[list[str], dict[str, float]]:
-    """Fill the cache for `texts` (one backend batch); the texts it cannot say, and the counters' change."""
+def _say(cache: SynthesisCache, seed: int, texts: list[str]) -> tuple[list[str], dict[str, float]]:
+    """Fill the cache for `texts` (one backend batch, its noise from `seed`); the texts it cannot
+    say, and the counters' change."""
+    cache.synthesizer.reseed(seed)
     before = {k: getattr(cache, k) for k in _COUNTERS}
     wavs = cache.get_many(texts, skip_errors=True)
     delta = {k: getattr(cache, k) - before[k] for k in _COUNTERS}
@@ -102,18 +104,20 @@ def _init_worker(synthesizer: Synthesizer, root: str, sample_rate: int) -> None:
     _WORKER_CACHE = SynthesisCache(synthesizer, root=root, sample_rate=sample_rate)
 
 
-def _say_in_worker(texts: list[str]) -> tuple[list[str], dict[str, float]]:
+def _say_in_worker(seed: int, texts: list[str]) -> tuple[list[str], dict[str, float]]:
     assert _WORKER_CACHE is not None
-    return _say(_WORKER_CACHE, texts)
+    return _say(_WORKER_CACHE, seed, texts)
 
 
 def fill_cache(
     cache: SynthesisCache, texts: list[str], batch_size: int = 32, workers: int = 1
 ) -> tuple[set[str], dict[str, Any]]:
     """Say every text the cache does not hold yet, in backend batches of `batch_size`, on `workers`
-    processes (spawned, one backend each; the cache's atomic writes make that safe). Returns the
-    texts that cannot be said and the counters (hits, misses, corrupt, synthesis time and audio,
-    real-time factor) summed over the workers.
+    processes (spawned, one backend each; the cache's atomic writes make that safe). Each batch
+    restarts the backend's sampling noise from its index (`Synthesizer.reseed`), so a fresh fill
+    writes the same audio whatever the number of workers, on any machine. Returns the texts that
+    cannot be said and the counters (hits, misses, corrupt, synthesis time and audio, real-time
+    factor) summed over the workers.
     """
     from concurrent.futures import ProcessPoolExecutor
 
@@ -133,9 +137,9 @@ def fill_cache(
             initializer=_init_worker,
             initargs=(cache.synthesizer, str(cache.root), cache.sample_rate),
         )
-        results = pool.map(_say_in_worker, chunks)
+        results = pool.map(_say_in_worker, range(len(chunks)), chunks)
     else:
-        results = (_say(cache, chunk) for chunk in chunks)
+        results = (_say(cache, i, chunk) for i, chunk in enumerate(chunks))
     try:
         with tqdm(total=len(texts), unit="text", desc=f"synthesize {cache.synthesizer.name}") as bar:
             for chunk, (bad, delta) in zip(chunks, results, strict=True):

@@ -51,6 +51,7 @@ class PiperSynthesizer(Synthesizer):
         self.num_threads = int(num_threads)
         self._voice: Any = None
         self._identity: dict | None = None
+        self._seed = 0
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -88,8 +89,15 @@ class PiperSynthesizer(Synthesizer):
             "noise_w": self.noise_w,
         }
 
+    def reseed(self, seed: int) -> None:
+        """VITS draws its noise inside the ONNX graph from onnxruntime's generators, which are seeded
+        when a session is created and cannot be reset: a new session (~0.2-0.4 s) starts from `seed`."""
+        self._seed = int(seed)
+        self._voice = None
+
     def voice(self) -> Any:
-        """The loaded PiperVoice (loaded on first call in this process)."""
+        """The loaded PiperVoice (loaded on first call in this process, its noise seeded by `reseed`,
+        0 by default)."""
         if self._voice is None:
             try:
                 import onnxruntime
@@ -100,6 +108,7 @@ class PiperSynthesizer(Synthesizer):
             import json
 
             model, config = self.paths()
+            onnxruntime.set_seed(self._seed)  # the session's random kernels take their seeds from it
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = self.num_threads
             options.inter_op_num_threads = 1
