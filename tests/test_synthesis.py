@@ -499,6 +499,25 @@ def test_command_manifest_fills_the_cache(tmp_path, capsys, workers):
     assert len(list(Path(cache_dir).rglob("*.wav"))) == 2
 
 
+@needs_espeak
+def test_a_warm_cache_fill_starts_no_process(tmp_path, monkeypatch):
+    import concurrent.futures
+
+    from rewiring.synthesis.command import fill_cache
+
+    texts = ["turn on the lights", "play some music", "call my mother", "???"]
+    cache = SynthesisCache(EspeakSynthesizer(), root=str(tmp_path / "c"))
+    fill_cache(cache, texts, batch_size=2, workers=1)
+
+    def no_pool(*args, **kwargs):
+        raise AssertionError("a warm cache needs no worker process")
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", no_pool)
+    unsayable, stats = fill_cache(SynthesisCache(EspeakSynthesizer(), root=str(tmp_path / "c")), texts,
+                                  batch_size=2, workers=2)  # fmt: skip
+    assert unsayable == {"???"} and (stats["hits"], stats["misses"]) == (3, 0)
+
+
 def test_make_synthesizer_maps_options():
     assert set(BACKENDS) == {"festival", "piper", "espeak", "coqui"}
     assert make_synthesizer("coqui", model_name="tts_models/en/vctk/vits", voice="p225").speaker == "p225"

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rewiring.synthesis.base import Synthesizer
+from rewiring.synthesis.base import SynthesisError, Synthesizer
 from rewiring.synthesis.cache import SynthesisCache
 from rewiring.synthesis.coqui import CoquiSynthesizer
 from rewiring.synthesis.espeak import EspeakSynthesizer
@@ -96,6 +96,17 @@ def _say(cache: SynthesisCache, seed: int, texts: list[str]) -> tuple[list[str],
     return [t for t, wav in zip(texts, wavs, strict=True) if wav is None], delta
 
 
+def _has_missing(cache: SynthesisCache, texts: list[str]) -> bool:
+    """Whether some text of `texts` that can be said has no cache entry yet."""
+    for text in texts:
+        try:
+            if not cache.path(text).is_file():
+                return True
+        except SynthesisError:
+            continue  # unsayable: counted as a skip, nothing to synthesise
+    return False
+
+
 def _init_worker(synthesizer: Synthesizer, root: str, sample_rate: int) -> None:
     global _WORKER_CACHE
     import torch
@@ -127,19 +138,22 @@ def fill_cache(
     chunks = [texts[i : i + size] for i in range(0, len(texts), size)]
     unsayable: set[str] = set()
     totals = dict.fromkeys(_COUNTERS, 0.0)
+    # Batches with something to say go to the workers; the rest (all cached, or unsayable) are read
+    # here, so a warm cache starts no process. Batch i keeps seed i either way.
+    todo = [i for i, chunk in enumerate(chunks) if _has_missing(cache, chunk)]
     pool = None
-    if workers > 1 and len(chunks) > 1:
+    futures: dict[int, Any] = {}
+    if workers > 1 and len(todo) > 1:
         import multiprocessing
 
         pool = ProcessPoolExecutor(
-            max_workers=min(workers, len(chunks)),
+            max_workers=min(workers, len(todo)),
             mp_context=multiprocessing.get_context("spawn"),
             initializer=_init_worker,
             initargs=(cache.synthesizer, str(cache.root), cache.sample_rate),
         )
-        results = pool.map(_say_in_worker, range(len(chunks)), chunks)
-    else:
-        results = (_say(cache, i, chunk) for i, chunk in enumerate(chunks))
+        futures = {i: pool.submit(_say_in_worker, i, chunks[i]) for i in todo}
+    results = (futures[i].result() if i in futures else _say(cache, i, chunk) for i, chunk in enumerate(chunks))
     try:
         with tqdm(total=len(texts), unit="text", desc=f"synthesize {cache.synthesizer.name}") as bar:
             for chunk, (bad, delta) in zip(chunks, results, strict=True):
