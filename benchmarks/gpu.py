@@ -81,7 +81,7 @@ def measure(
 ) -> dict[str, Any]:
     """Run the cases on `accelerator` (tests use "cpu" with the tiny encoder); {"skipped": why} when
     a GPU is asked for and there is none."""
-    from benchmarks.overhead import _cli, preload, run_lightning
+    from benchmarks.overhead import _cli, describe, preload, run_lightning
 
     if accelerator == "gpu" and not torch.cuda.is_available():
         return {"skipped": "no CUDA device on this machine"}
@@ -95,15 +95,8 @@ def measure(
         try:
             cli = _cli(case.cli_args(ws)[1:], run=False)
             cli.datamodule.setup("fit")
-            from benchmarks.common import batch_audio, batch_shape
-
-            batches = preload(cli.datamodule, case)
-            ref = {
-                "audio": [batch_audio(b)[0] for b in batches],
-                "source": [batch_audio(b)[1] for b in batches],
-                "shapes": [batch_shape(b) for b in batches],
-            }
-            del cli, batches
+            ref = describe(preload(cli.datamodule, case))
+            del cli
             if accelerator == "gpu":
                 torch.cuda.reset_peak_memory_stats()
             light = run_lightning(ws, case, ref)

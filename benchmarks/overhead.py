@@ -195,6 +195,16 @@ def preload(dm, case: Case) -> list:
     return batches
 
 
+def describe(batches: list) -> dict[str, list]:
+    """Per batch: seconds of audio through the encoder, seconds of source audio, padded shape (what
+    `run_lightning` pairs with its own steps)."""
+    return {
+        "audio": [batch_audio(b)[0] for b in batches],
+        "source": [batch_audio(b)[1] for b in batches],
+        "shapes": [batch_shape(b) for b in batches],
+    }
+
+
 class BareLoop:
     """The same model, loss, optimizer and batches in a plain loop (batches pre-loaded, untimed).
 
@@ -222,9 +232,7 @@ class BareLoop:
 
         self.batches = preload(dm, case)
         self.loss_fn = _loss_fn(self.model, case.stage)
-        self.audio = [batch_audio(b)[0] for b in self.batches]
-        self.source = [batch_audio(b)[1] for b in self.batches]
-        self.shapes = [batch_shape(b) for b in self.batches]
+        self.described = describe(self.batches)
         self.reset()
 
     def reset(self) -> None:
@@ -237,7 +245,7 @@ class BareLoop:
         """Batch k through zero_grad, loss, backward and the optimizer step, timed (wall and CPU)."""
         if k >= len(self.batches):
             return
-        if shape is not None and tuple(shape) != tuple(self.shapes[k]):
+        if shape is not None and tuple(shape) != tuple(self.described["shapes"][k]):
             self.mismatched.append(k)
         self.model.train()
         batch = self.batches[k]
@@ -260,14 +268,14 @@ class BareLoop:
         return {
             "build_s": self.build_s,
             "steps_run": n,
-            "audio_total_s": sum(self.audio[:n]),
-            "source_total_s": sum(self.source[:n]),
+            "audio_total_s": sum(self.described["audio"][:n]),
+            "source_total_s": sum(self.described["source"][:n]),
             "loop_s": sum(times),
             "step_s": summarize(st),
             "cpu_step_s": summarize(steady(cpu, w)),
             "mismatched_batches": list(self.mismatched),
-            "steady_audio_per_s": sum(steady(self.audio[:n], w)) / sum(st),
-            "steady_source_per_s": sum(steady(self.source[:n], w)) / sum(st),
+            "steady_audio_per_s": sum(steady(self.described["audio"][:n], w)) / sum(st),
+            "steady_source_per_s": sum(steady(self.described["source"][:n], w)) / sum(st),
             "params_m": sum(p.numel() for p in params) / 1e6,
             "trainable_m": sum(p.numel() for p in params if p.requires_grad) / 1e6,
             "raw": {"steps": times, "cpu_steps": cpu},
@@ -309,7 +317,7 @@ def measure(ws: Workspace, case: Case, *, profile: bool = False) -> dict[str, An
     `profile`), and the ratios (Lightning / bare: above 1 means Lightning is slower)."""
     log(f"overhead {case.name}: Lightning and the bare loop, interleaved ({case.warmup}+{case.steps} steps)")
     loop = BareLoop(ws, case)
-    batches = {"audio": loop.audio, "source": loop.source, "shapes": loop.shapes}
+    batches = loop.described
     with interleaved(loop.step):
         light = run_lightning(ws, case, batches)
     bare = loop.summary()

@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 from benchmarks.common import BASE_CONFIG, REPO, log, summarize
@@ -34,7 +33,7 @@ def point(seconds: float, batch: int, repeats: int, attention_dropout: float | N
     import torch
 
     torch.set_num_threads(1)
-    from benchmarks.common import max_rss_mb
+    from benchmarks.common import max_rss_mb, repeat
     from rewiring.encoder import TINY_CONFIG, SpeechEncoder
     from rewiring.masking import time_masks
     from rewiring.rewire import RewiringModule, nt_xent
@@ -76,19 +75,9 @@ def point(seconds: float, batch: int, repeats: int, attention_dropout: float | N
             encoder.model.feature_extractor(x).sum().backward()
         optimizer.zero_grad(set_to_none=True)
 
-    step()  # warm-up
-    steps = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        step()
-        steps.append(time.perf_counter() - t)
+    steps = repeat(step, repeats)  # after one untimed warm-up call
     rss_after = max_rss_mb()
-    conv()
-    convs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        conv()
-        convs.append(time.perf_counter() - t)
+    convs = repeat(conv, repeats)
     return {
         "seconds": seconds,
         "batch": batch,
