@@ -24,10 +24,8 @@ Definitions (also written into every convergence.json under "definitions"):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +34,8 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+
+from rewiring.files import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -183,25 +183,6 @@ def summarize(
     }
 
 
-def read_convergence(path: str | Path) -> dict[str, Any]:
-    """A convergence.json as a dict (its `curve` as lists)."""
-    with open(path) as f:
-        return json.load(f)
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
-    os.replace(tmp, path)
-
-
-def _json_default(o: Any) -> Any:
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
 # ---------------------------------------------------------------------------- callbacks
 class ConvergenceCallback(Callback):
     """Records the dev curve of the task's primary metric and writes convergence.json at the end of fit.
@@ -342,7 +323,7 @@ class ConvergenceCallback(Callback):
             },
             "definitions": DEFINITIONS,
         }
-        _write_json_atomic(out_dir / self.filename, result)
+        write_json_atomic(out_dir / self.filename, result)
 
     def _reference(self) -> tuple[float | None, str]:
         if self.reference is not None:
@@ -352,7 +333,7 @@ class ConvergenceCallback(Callback):
             if path.is_dir():
                 path = path / self.filename
             if path.is_file():
-                value = read_convergence(path).get("final", {}).get("value")
+                value = read_json(path).get("final", {}).get("value")
                 if value is not None:
                     return float(value), str(path)
             log.warning(
@@ -396,4 +377,4 @@ class TestResults(Callback):
             Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "test.json"
         )
         ckpt = getattr(trainer, "ckpt_path", None)
-        _write_json_atomic(out, {"metrics": metrics, "ckpt_path": str(ckpt) if ckpt else None})
+        write_json_atomic(out, {"metrics": metrics, "ckpt_path": str(ckpt) if ckpt else None})

@@ -21,11 +21,8 @@ dimension scores about 0.9).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +32,8 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
+
+from rewiring.files import write_json_atomic
 
 __all__ = [
     "SAMPLES_PER_DIM",
@@ -300,19 +299,6 @@ class IsotropyCallback(L.Callback):
 
 
 # ---------------------------------------------------------------------------- per-layer profile
-def _write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 @torch.no_grad()
 def encoder_profile(
     encoder: str | torch.nn.Module,
@@ -417,6 +403,6 @@ def encoder_profile(
             stacklevel=3,  # the caller, past torch.no_grad's wrapper
         )
     if out is not None:
-        _write_json_atomic(Path(out), report)
+        write_json_atomic(Path(out), report)
         log.info("isotropy profile of %s written to %s", name, out)
     return report

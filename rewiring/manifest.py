@@ -11,13 +11,13 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+from rewiring.files import write_text_atomic
 
 __all__ = [
     "ManifestError",
@@ -217,7 +217,6 @@ def write_manifest(path: str | Path, records: Iterable[Record]) -> None:
     names the line the bad record would have had.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     lines: list[str] = []
     seen: dict[str, int] = {}
     for lineno, rec in enumerate(records, start=1):
@@ -232,16 +231,7 @@ def write_manifest(path: str | Path, records: Iterable[Record]) -> None:
             raise ManifestError(path, lineno, f"duplicate id {rec.id!r} (first on line {seen[rec.id]})")
         seen[rec.id] = lineno
         lines.append(line)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def audio_path(manifest_path: str | Path, record: Record) -> Path:

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from rewiring.convergence import area, steps_to_reach
-from rewiring.sweep import BASELINE, run_name_pattern, split_sort_key
+from rewiring.files import read_json
+from rewiring.sweep import BASELINE, run_name_pattern, split_sort_key, test_metric
 
 SKIP_DIRS = {"encoders", "rewire", "slurm", "report", "test", "checkpoints"}
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
@@ -59,12 +60,7 @@ class RunResult:
 
     @property
     def test_value(self) -> float | None:
-        return self.test.get("test/" + self.metric.split("/", 1)[-1])
-
-
-def _read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+        return self.test.get(test_metric(self.metric))
 
 
 def load_runs(runs_dir: str | Path) -> list[RunResult]:
@@ -79,12 +75,12 @@ def load_runs(runs_dir: str | Path) -> list[RunResult]:
         m = pattern.match(rel.as_posix())
         if m is None:
             continue
-        c = _read_json(conv)
+        c = read_json(conv)
         curve = c.get("curve") or {}
         test_path = conv.parent / "test.json"
         test: dict[str, float] = {}
         if test_path.exists():
-            t = _read_json(test_path)
+            t = read_json(test_path)
             t = t.get("metrics", t) if isinstance(t, dict) else {}
             test = {k: float(v) for k, v in t.items() if isinstance(v, int | float)}
         out.append(
@@ -311,7 +307,7 @@ def load_isotropy(arms: dict[str, str | None], baseline: str = BASELINE) -> dict
         if path is None or not path.is_file():
             continue
         try:
-            obj = _read_json(path)
+            obj = read_json(path)
         except (OSError, json.JSONDecodeError):
             continue
         scal, ser = isotropy_metrics(obj)
@@ -489,7 +485,7 @@ def write_report(runs_dir: str | Path, out: str | Path) -> Path:
     """report.md plus curves_<task>.png, speedup.png and isotropy.png in `out`; returns report.md."""
     runs_dir, out = Path(runs_dir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan = _read_json(runs_dir / "sweep.json") if (runs_dir / "sweep.json").exists() else None
+    plan = read_json(runs_dir / "sweep.json") if (runs_dir / "sweep.json").exists() else None
     baseline = (plan or {}).get("baseline") or BASELINE
     runs = load_runs(runs_dir)
     lines = [f"# Rewiring report: {runs_dir}", ""]
@@ -518,7 +514,7 @@ def write_report(runs_dir: str | Path, out: str | Path) -> Path:
     for task in tasks:
         truns = [r for r in runs if r.task == task]
         metric, mode = truns[0].metric, truns[0].mode
-        test_name = "test/" + metric.split("/", 1)[-1]
+        test_name = test_metric(metric)
         splits = _split_order({r.split for r in truns}, plan)
         all_splits |= set(splits)
         better = "higher" if mode == "max" else "lower"

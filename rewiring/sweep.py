@@ -52,6 +52,8 @@ from typing import Any, Literal
 
 import yaml
 
+from rewiring.files import read_json, write_json_atomic
+
 Arm = Literal["baseline", "twin", "neutral", "mixed"]
 BASELINE = "baseline"
 ALL_TASKS = ["asr", "ks", "ic", "sid", "sd", "sf"]
@@ -361,26 +363,31 @@ def is_complete(run_dir: Path) -> bool:
     return (run_dir / "convergence.json").exists() and (run_dir / "test.json").exists()
 
 
+def test_metric(dev_metric: str) -> str:
+    """The test metric logged for a dev metric: val/acc -> test/acc."""
+    return "test/" + dev_metric.split("/", 1)[-1]
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """last.ckpt if there is one, else the newest checkpoint."""
     ckpts = run_dir / "checkpoints"
     if (ckpts / "last.ckpt").exists():
         return ckpts / "last.ckpt"
-    found = sorted(ckpts.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if ckpts.is_dir() else []
-    return found[-1] if found else None
+    found = list(ckpts.glob("*.ckpt")) if ckpts.is_dir() else []
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def best_checkpoint(run_dir: Path) -> Path | None:
     """The best checkpoint named in convergence.json, else the only non-last one, else last.ckpt."""
     conv = run_dir / "convergence.json"
     if conv.exists():
-        best = (json.loads(conv.read_text()).get("checkpoint") or {}).get("best")
+        best = (read_json(conv).get("checkpoint") or {}).get("best")
         if best:
             p = Path(best) if Path(best).is_absolute() else run_dir / best
             if p.exists():
                 return p
     ckpts = run_dir / "checkpoints"
-    others = sorted(p for p in ckpts.glob("*.ckpt") if p.name != "last.ckpt") if ckpts.is_dir() else []
+    others = [p for p in ckpts.glob("*.ckpt") if p.name != "last.ckpt"] if ckpts.is_dir() else []
     if others:
         return max(others, key=lambda p: p.stat().st_mtime)
     return latest_checkpoint(run_dir)
@@ -549,12 +556,7 @@ class Sweep:
         }
 
     def write_plan(self) -> Path:
-        path = self.spec.root / "sweep.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.plan_json(), indent=2) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_json_atomic(self.spec.root / "sweep.json", self.plan_json())
 
     # -- rewiring stage
     def missing_encoders(self) -> list[str]:
@@ -687,7 +689,7 @@ def describe(run_dir: Path) -> str:
             parts.append(f"{c['metric']} {final['value']:.4g} (best {top['value']:.4g} @ {top['step']})")
         test = run_dir / "test.json"
         if test.exists():
-            name = "test/" + c["metric"].split("/", 1)[-1]
+            name = test_metric(c["metric"])
             v = json.loads(test.read_text()).get("metrics", {}).get(name)
             if v is not None:
                 parts.append(f"{name} {v:.4g}")
@@ -720,9 +722,10 @@ def print_plan(sweep: Sweep) -> None:
     for arm in sweep.missing_encoders():
         print(f"  rewire {arm}: {shlex.join(rewire_command(spec, arm))}", file=out)
     states: dict[str, int] = {}
+    run_states = {r.dir: run_state(r.dir) for r in sweep.runs}
     shown = 0
     for r in sweep.runs:
-        st = run_state(r.dir)
+        st = run_states[r.dir]
         states[st] = states.get(st, 0) + 1
         if len(sweep.runs) <= 64 or shown < 8:
             print(f"  [{st}] {r.label} -> {r.dir}", file=out)
@@ -733,7 +736,7 @@ def print_plan(sweep: Sweep) -> None:
             file=out,
         )
     print("  " + ", ".join(f"{n} {k}" for k, n in states.items()), file=out)
-    todo = [r for r in sweep.runs if run_state(r.dir) == "new"]
+    todo = [r for r in sweep.runs if run_states[r.dir] == "new"]
     if todo:
         r = todo[0]
         print(f"  e.g. {r.label}:\n    {shlex.join(fit_command(spec, r))}", file=out)
@@ -754,12 +757,12 @@ def _sbatch_header(spec: SweepSpec, job: str, array: str, log_dir: Path) -> list
     return lines + ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
 
 
-def write_slurm(sweep: Sweep, spec_path: Path | None = None) -> Path:
+def write_slurm(sweep: Sweep) -> Path:
     """runs/<sweep>/slurm/: spec.yaml, rewire.sbatch (if encoders are missing), runs.sbatch, submit.sh."""
     spec = sweep.spec
     d = spec.root / "slurm"
     d.mkdir(parents=True, exist_ok=True)
-    spec_file = spec_path or d / "spec.yaml"
+    spec_file = d / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(asdict(spec), sort_keys=False))
     sweep.write_plan()
     py = shlex.join([sys.executable, "-m", "rewiring", "sweep", "--config", str(spec_file)])
