@@ -34,7 +34,14 @@ from typing import Any
 
 from rewiring.convergence import area, steps_to_reach
 from rewiring.files import read_json
-from rewiring.sweep import BASELINE, run_name_pattern, split_sort_key, test_metric
+from rewiring.sweep import (
+    BASELINE,
+    encoder_source,
+    run_name_pattern,
+    split_label,
+    split_sort_key,
+    test_metric,
+)
 
 SKIP_DIRS = {"encoders", "rewire", "slurm", "report", "test", "checkpoints"}
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b"]
@@ -447,24 +454,13 @@ def _arm_encoders(runs: list[RunResult], plan: dict | None) -> dict[str, str | N
     """Arm -> encoder folder: from sweep.json, else from a run's saved config.yaml."""
     if plan and plan.get("arms"):
         return {a["name"]: a.get("encoder") for a in plan["arms"]}
-    import yaml
-
     out: dict[str, str | None] = {}
     for r in runs:
         if r.arm in out or not (r.dir / "config.yaml").exists():
             continue
-        try:
-            conf = yaml.safe_load((r.dir / "config.yaml").read_text()) or {}
-            src = conf["model"]["init_args"]["encoder"]["init_args"]["source"]
-        except (KeyError, TypeError, yaml.YAMLError):
-            src = None
+        src = encoder_source(r.dir / "config.yaml")
         out[r.arm] = src if isinstance(src, str) else None
     return out
-
-
-def split_label(split: str) -> str:
-    """The folder name of a split back to how the sweep spec wrote it: "1pct" -> "1%"."""
-    return split[:-3] + "%" if split.endswith("pct") else split
 
 
 def _split_order(splits: set[str], plan: dict | None) -> list[str]:

@@ -186,9 +186,14 @@ def split_dir(split: str) -> str:
     return str(split).strip().replace("%", "pct")
 
 
+def split_label(split: str) -> str:
+    """The folder name of a split back to how the sweep spec wrote it: "1pct" -> "1%"."""
+    return split[:-3] + "%" if split.endswith("pct") else split
+
+
 def split_sort_key(split: str) -> tuple[int, float]:
     """Amounts (by seconds) before fractions (by size): the order of the summary plot's x axis."""
-    kind, value = parse_split(split.replace("pct", "%") if split.endswith("pct") else split)
+    kind, value = parse_split(split_label(split))
     if kind == "amount":
         from rewiring.manifest import parse_amount
 
@@ -230,14 +235,18 @@ def plan(spec: SweepSpec) -> list[Run]:
     return runs
 
 
-def baseline_source(spec: SweepSpec) -> Any:
-    """The baseline encoder's `source` from its config (a hub name, a folder or a config dict)."""
-    with open(spec.encoder) as f:
-        conf = yaml.safe_load(f) or {}
+def encoder_source(config_path: str | Path) -> Any:
+    """The encoder `source` of a config file (a hub name, a folder or a config dict), or None."""
     try:
+        conf = yaml.safe_load(Path(config_path).read_text()) or {}
         return conf["model"]["init_args"]["encoder"]["init_args"]["source"]
-    except (KeyError, TypeError):
+    except (KeyError, TypeError, yaml.YAMLError):
         return None
+
+
+def baseline_source(spec: SweepSpec) -> Any:
+    """The baseline encoder's `source` from its config."""
+    return encoder_source(spec.encoder)
 
 
 def _looks_local(source: Any) -> bool:
@@ -700,10 +709,9 @@ def check_baseline(spec: SweepSpec) -> None:
     """Fail early, before any run, when the baseline encoder's local folder is missing."""
     if not Path(spec.encoder).exists():
         raise SystemExit(f"sweep {spec.name}: encoder config {spec.encoder} not found")
-    src = baseline_source(spec)
     if not encoder_ready(spec, BASELINE):
         raise SystemExit(
-            f"sweep {spec.name}: the baseline encoder {src} (from {spec.encoder}) does not exist yet; "
+            f"sweep {spec.name}: the baseline encoder {baseline_source(spec)} (from {spec.encoder}) does not exist yet; "
             "build it first (for the tiny encoder: `make pretrain`)"
         )
 
