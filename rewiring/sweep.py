@@ -205,6 +205,11 @@ def lr_dir(lr: float) -> str:
     return f"lr{lr:g}"
 
 
+def run_dir(spec: SweepSpec, task: str, split: str, arm: str, lr: float, seed: int) -> Path:
+    """<root>/<task>/<split>/<arm>/lr<lr>/seed<seed>: the logger's save_dir/name/version of a run."""
+    return spec.root / task / split_dir(split) / arm / lr_dir(lr) / f"seed{seed}"
+
+
 @dataclass(frozen=True)
 class Run:
     """One fine-tuning run of the grid."""
@@ -230,8 +235,7 @@ def plan(spec: SweepSpec) -> list[Run]:
             for split in spec.splits:
                 for lr in spec.lrs:
                     for seed in spec.seeds:
-                        d = spec.root / task / split_dir(split) / arm / lr_dir(lr) / f"seed{seed}"
-                        runs.append(Run(task, split, arm, lr, seed, d))
+                        runs.append(Run(task, split, arm, lr, seed, run_dir(spec, task, split, arm, lr, seed)))
     return runs
 
 
@@ -326,7 +330,7 @@ def fit_command(spec: SweepSpec, run: Run) -> list[str]:
     )
     reference = []
     if run.arm != BASELINE and BASELINE in spec.arms:
-        base = spec.root / run.task / split_dir(run.split) / BASELINE / lr_dir(run.lr) / f"seed{run.seed}"
+        base = run_dir(spec, run.task, run.split, BASELINE, run.lr, run.seed)
         # applies to the last callback of base.yaml, the ConvergenceCallback
         reference = [f"--trainer.callbacks.init_args.reference_run={base / 'convergence.json'}"]
     return [
@@ -338,7 +342,7 @@ def fit_command(spec: SweepSpec, run: Run) -> list[str]:
         f"--{spec.lr_arg}={run.lr!r}",
         *data,
         *encoder,
-        *_logger(run.dir.parent.parent.parent, run.arm, f"{lr_dir(run.lr)}/seed{run.seed}"),
+        *_logger(spec.root / run.task / split_dir(run.split), run.arm, f"{lr_dir(run.lr)}/seed{run.seed}"),
         "--trainer.enable_progress_bar=false",
         *spec.args,
         *spec.task_args.get(run.task, []),
