@@ -14,8 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rewiring.files import atomic_file
 from rewiring.synthesis.base import SynthesisError, Synthesizer, normalize_text
 
 log = logging.getLogger(__name__)
@@ -140,24 +139,13 @@ class SynthesisCache:
         return None
 
     def _write(self, path: Path, wav: np.ndarray) -> None:
-        """Atomic: a unique temporary file in the entry's folder, then os.replace."""
+        """Atomic (`atomic_file`): workers and processes may write the same entry at once."""
         import soundfile as sf
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem[:16]}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as raw:
-                with sf.SoundFile(
-                    raw, "w", samplerate=self.sample_rate, channels=1, subtype="FLOAT", format="WAV"
-                ) as f:
-                    f.comment = f"{_TAG} n={wav.shape[0]} sha={_digest(wav)}"
-                    f.write(wav)
-                raw.flush()
-                os.fsync(raw.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_file(path, "wb") as raw:
+            with sf.SoundFile(raw, "w", samplerate=self.sample_rate, channels=1, subtype="FLOAT", format="WAV") as f:
+                f.comment = f"{_TAG} n={wav.shape[0]} sha={_digest(wav)}"
+                f.write(wav)
 
     def _store(self, key: str, wav: np.ndarray, sr: int, seconds: float) -> torch.Tensor:
         self.synth_seconds += seconds
