@@ -1,6 +1,7 @@
 """SpeechEncoder: the one backbone of every stage (pre-training, rewiring, each task).
 
-It wraps a transformers model of the wav2vec 2.0 family (wav2vec2, HuBERT, WavLM) built from a hub name,
+It wraps a transformers model of the wav2vec 2.0 family (wav2vec2, HuBERT, WavLM) or a Whisper encoder
+(`rewiring.whisper`: log-mel in torch, any length, padded frames masked), built from a hub name,
 a local folder or a config dict, and returns frame features from a chosen layer (or the paper's uniform
 average of all hidden states, or SUPERB's learned softmax-weighted sum), a frame mask that matches them,
 and utterance vectors (mean over real frames). Stages hand encoders to each other as Hugging Face folders
@@ -22,6 +23,10 @@ Decisions worth knowing:
   Wav2Vec2FeatureExtractor does with ``do_normalize`` (read from the source's preprocessor_config.json).
 - ``hidden_states`` are the transformer input plus every layer's output (num_layers + 1); the last one is
   ``last_hidden_state`` (after the final LayerNorm of stable-layer-norm models, as in transformers 4.x).
+- Whisper: only the encoder is held (the decoder is loaded again from the source when exporting, so a
+  rewired Whisper folder still transcribes); inputs are not normalised unless the source's
+  preprocessor says so (Whisper's log-mel has its own scaling); the "feature encoder" that
+  `freeze_feature_encoder` freezes is its two convolutions.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import hashlib
 import json
 import logging
 from contextlib import contextmanager, nullcontext
+import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -47,11 +54,26 @@ from transformers import (
     Wav2Vec2Model,
     WavLMConfig,
     WavLMModel,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
 )
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from rewiring import masking
+from rewiring import masking, whisper
 
-__all__ = ["TINY_CONFIG", "EncoderOutput", "SpeechEncoder", "conv_layout", "frame_lengths", "MODEL_TYPES"]
+__all__ = [
+    "TINY_CONFIG",
+    "TINY_WHISPER_CONFIG",
+    "EncoderOutput",
+    "FrameLayout",
+    "SpeechEncoder",
+    "config_frame_layout",
+    "conv_layout",
+    "frame_lengths",
+    "masked_mean",
+    "MODEL_TYPES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +82,7 @@ MODEL_TYPES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
     "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
     "hubert": (HubertConfig, HubertModel),
     "wavlm": (WavLMConfig, WavLMModel),
+    "whisper": (WhisperConfig, WhisperEncoder),
 }
 
 # The project's tiny encoder: wav2vec2-base's conv stack (so 16 kHz -> 50 frames/s, 400-sample receptive
@@ -93,6 +116,28 @@ TINY_CONFIG: dict[str, Any] = {
     "mask_time_min_masks": 2,
 }
 
+# A small random Whisper (2 layers, 64-d, Whisper's front end: 80 mels, 50 frames/s) for tests; the
+# small vocabulary keeps its decoder, which exports carry, tiny too.
+TINY_WHISPER_CONFIG: dict[str, Any] = {
+    "model_type": "whisper",
+    "d_model": 64,
+    "encoder_layers": 2,
+    "encoder_attention_heads": 2,
+    "encoder_ffn_dim": 128,
+    "decoder_layers": 1,
+    "decoder_attention_heads": 2,
+    "decoder_ffn_dim": 128,
+    "num_mel_bins": 80,
+    "vocab_size": 64,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "decoder_start_token_id": 3,
+    "suppress_tokens": [],
+    "begin_suppress_tokens": [],
+    "max_target_positions": 64,
+}
+
 # Config values the wrapper overrides while it runs (HF's own augmentation off); exports restore them.
 _RUN_OVERRIDES: dict[str, Any] = {
     "mask_time_prob": 0.0,
@@ -100,6 +145,7 @@ _RUN_OVERRIDES: dict[str, Any] = {
     "layerdrop": 0.0,
     "apply_spec_augment": True,
 }
+_WHISPER_RUN_OVERRIDES: dict[str, Any] = {"encoder_layerdrop": 0.0}
 
 Layers = int | Literal["average", "weighted", "last"]
 
@@ -112,14 +158,59 @@ class EncoderOutput:
     pooled: Tensor  # [B, D] mean of features over real frames
 
 
+@dataclass(frozen=True)
+class FrameLayout:
+    """How many feature frames a waveform of L samples gives, for any encoder: an optional hop (Whisper's
+    log-mel: L // 160 frames), then convolutions ``floor((n + 2 * padding - kernel) / stride) + 1``.
+
+    Small and picklable, so data-loader workers (rewiring's mask collate) can hold it.
+    """
+
+    kernels: tuple[int, ...]
+    strides: tuple[int, ...]
+    paddings: tuple[int, ...] = ()
+    hop: int = 1
+
+    def __call__(self, lengths: Tensor | int) -> Tensor:
+        n = torch.div(torch.as_tensor(lengths, dtype=torch.long), self.hop, rounding_mode="floor")
+        paddings = self.paddings or (0,) * len(self.kernels)
+        for kernel, stride, pad in zip(self.kernels, self.strides, paddings, strict=True):
+            n = (torch.div(n + 2 * pad - kernel, stride, rounding_mode="floor") + 1).clamp(min=0)
+        return n
+
+    @property
+    def samples_per_frame(self) -> int:
+        return self.hop * math.prod(self.strides)
+
+
+def _family(config: PretrainedConfig) -> str:
+    return "whisper" if config.model_type == "whisper" else "wav2vec2"
+
+
+def config_frame_layout(config: PretrainedConfig | dict[str, Any]) -> FrameLayout:
+    """The frame layout of an encoder config (or a config dict such as TINY_CONFIG), read from the config."""
+    if isinstance(config, dict):
+        config = _config_from_dict(config)
+    if _family(config) == "whisper":
+        return FrameLayout(kernels=(3, 3), strides=(1, 2), paddings=(1, 1), hop=whisper.HOP)
+    kernels, strides = conv_layout(config)
+    return FrameLayout(kernels=kernels, strides=strides)
+
+
 def conv_layout(config: PretrainedConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(kernels, strides) of the conv feature encoder."""
+    """(kernels, strides) of a wav2vec 2.0-family conv feature encoder."""
     return tuple(int(k) for k in config.conv_kernel), tuple(int(s) for s in config.conv_stride)
 
 
 def frame_lengths(config: PretrainedConfig, lengths: Tensor | int) -> Tensor:
-    """Feature frames per waveform length for this config (see `rewiring.masking.frame_lengths`)."""
-    return masking.frame_lengths(lengths, *conv_layout(config))
+    """Feature frames per waveform length for this config."""
+    return config_frame_layout(config)(lengths)
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean of [B, F, D] features over the frames where the [B, F] mask is True (0 for none)."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 def _looks_like_path(source: str) -> bool:
@@ -145,24 +236,30 @@ def _config_from_dict(source: dict[str, Any]) -> PretrainedConfig:
     return config_cls(**values)
 
 
+def _overrides(config: PretrainedConfig) -> dict[str, Any]:
+    return _WHISPER_RUN_OVERRIDES if _family(config) == "whisper" else _RUN_OVERRIDES
+
+
 def _own_values(config: PretrainedConfig) -> dict[str, Any]:
-    return {k: getattr(config, k) for k in _RUN_OVERRIDES if hasattr(config, k)}
+    return {k: getattr(config, k) for k in _overrides(config) if hasattr(config, k)}
 
 
 class SpeechEncoder(nn.Module):
-    """A wav2vec 2.0 family encoder with layer selection, pooling, freezing and HF export.
+    """A wav2vec 2.0-family or Whisper encoder with layer selection, pooling, freezing and HF export.
 
     Args:
         source: hub name, local folder (an HF export), or a dict of config keys ("model_type": wav2vec2,
-            hubert or wavlm; default wav2vec2) for a randomly initialised model.
+            hubert, wavlm or whisper; default wav2vec2) for a randomly initialised model.
         layers: which features to return: a hidden-state index (0 = transformer input), "last",
             "average" (uniform mean of all hidden states: the paper's) or "weighted" (learned softmax
             weights over all hidden states: SUPERB's).
-        freeze_feature_encoder: keep the conv feature encoder fixed (the paper trains it).
+        freeze_feature_encoder: keep the conv front end fixed (wav2vec2's CNN, Whisper's two convs;
+            the paper trains it).
         freeze: keep the whole model fixed (SUPERB protocol): it then runs in eval mode under no_grad;
             the layer weights of "weighted" still train. `set_frozen` changes it during training.
         normalize: normalise each input to zero mean and unit variance over its real samples; None reads
-            ``do_normalize`` from the source's preprocessor_config.json (True when there is none).
+            ``do_normalize`` from the source's preprocessor_config.json (when there is none: True for
+            the wav2vec2 family, False for Whisper).
     """
 
     def __init__(
@@ -177,11 +274,17 @@ class SpeechEncoder(nn.Module):
         self.source = source if isinstance(source, str) else dict(source)
         self.model, normalize_default, self._export_values = self._load(source)
         config = self.model.config
-        for key, value in _RUN_OVERRIDES.items():
+        self.family = _family(config)
+        for key, value in _overrides(config).items():
             setattr(config, key, value)
         self.normalize = normalize_default if normalize is None else bool(normalize)
-        # Padding masks only for the models pre-trained with them (see the module docstring).
-        self.uses_attention_mask = config.feat_extract_norm == "layer" or bool(config.do_stable_layer_norm)
+        self.frame_layout = config_frame_layout(config)
+        if self.family == "whisper":
+            self.log_mel = whisper.LogMel(int(config.num_mel_bins))
+            self.uses_attention_mask = True  # padded frames are masked in every layer (rewiring.whisper)
+        else:
+            # Padding masks only for the models pre-trained with them (see the module docstring).
+            self.uses_attention_mask = config.feat_extract_norm == "layer" or bool(config.do_stable_layer_norm)
 
         self.layers: int | str = "average"
         self.layer_weights: nn.Parameter | None = None
@@ -194,7 +297,7 @@ class SpeechEncoder(nn.Module):
             "encoder %s: %s, %d layers, %.2fM parameters",
             self.describe(),
             config.model_type,
-            config.num_hidden_layers,
+            self.num_layers,
             n_params / 1e6,
         )
 
@@ -205,8 +308,7 @@ class SpeechEncoder(nn.Module):
         values of the settings the run overrides (for export)."""
         if isinstance(source, dict):
             config = _config_from_dict(source)
-            _, model_cls = MODEL_TYPES[config.model_type]
-            return model_cls(SpeechEncoder._build_config(config)), True, _own_values(config)
+            return SpeechEncoder._build(config), _family(config) != "whisper", _own_values(config)
         if not isinstance(source, str) or not source:
             raise ValueError(f"encoder source must be a hub name, a folder or a config dict, got {source!r}")
 
@@ -221,6 +323,8 @@ class SpeechEncoder(nn.Module):
             hint = ""
             if folder.name.startswith("tiny"):
                 hint = " (the embedded tiny encoder is made by `make pretrain`; rewired ones by `make rewire`)"
+            elif folder.name.startswith("whisper"):
+                hint = " (make it with `python -m rewiring convert-whisper --out ...`, or `make whisper`)"
             raise FileNotFoundError(f"encoder folder not found: {folder}{hint}")
         else:
             where = source  # a hub name: cached, or downloaded when online
@@ -235,17 +339,23 @@ class SpeechEncoder(nn.Module):
             raise ValueError(
                 f"encoder {source!r} is a {config.model_type!r} model; expected one of {sorted(MODEL_TYPES)}"
             )
-        _, model_cls = MODEL_TYPES[config.model_type]
         # safetensors when the folder has them, else torch.load(weights_only=True); never remote code.
-        model = model_cls.from_pretrained(
-            where,
-            config=SpeechEncoder._build_config(config),
-            use_safetensors=None,
-            weights_only=True,
-            trust_remote_code=False,
-            dtype=torch.float32,
-        )
-        return model, SpeechEncoder._read_do_normalize(where, folder.exists()), _own_values(config)
+        load = dict(use_safetensors=None, weights_only=True, trust_remote_code=False, dtype=torch.float32)
+        if _family(config) == "whisper":
+            # The whole model's checkpoint; only its encoder is kept (export reloads the decoder).
+            model = WhisperForConditionalGeneration.from_pretrained(where, **load).model.encoder
+        else:
+            _, model_cls = MODEL_TYPES[config.model_type]
+            model = model_cls.from_pretrained(where, config=SpeechEncoder._build_config(config), **load)
+        return model, SpeechEncoder._read_do_normalize(where, folder.exists(), config), _own_values(config)
+
+    @staticmethod
+    def _build(config: PretrainedConfig) -> PreTrainedModel:
+        """A randomly initialised model for a config (Whisper: the encoder alone)."""
+        if _family(config) == "whisper":
+            return WhisperEncoder(config)
+        _, model_cls = MODEL_TYPES[config.model_type]
+        return model_cls(SpeechEncoder._build_config(config))
 
     @staticmethod
     def _build_config(config: PretrainedConfig) -> PretrainedConfig:
@@ -257,16 +367,19 @@ class SpeechEncoder(nn.Module):
         return config
 
     @staticmethod
-    def _read_do_normalize(where: str, local: bool) -> bool:
+    def _read_do_normalize(where: str, local: bool, config: PretrainedConfig) -> bool:
+        default = _family(config) != "whisper"
         if local:
             path = Path(where) / "preprocessor_config.json"
             if path.is_file():
-                return bool(json.loads(path.read_text()).get("do_normalize", True))
-            return True
+                return bool(json.loads(path.read_text()).get("do_normalize", default))
+            return default
+        if _family(config) == "whisper":
+            return default  # WhisperFeatureExtractor does not normalise unless asked per call
         try:
             return bool(Wav2Vec2FeatureExtractor.from_pretrained(where).do_normalize)
         except OSError:
-            return True
+            return default
 
     def describe(self) -> str:
         return (
@@ -284,7 +397,7 @@ class SpeechEncoder(nn.Module):
         try:
             yield config
         finally:
-            for key, value in _RUN_OVERRIDES.items():
+            for key, value in _overrides(config).items():
                 setattr(config, key, value)
 
     def fingerprint(self) -> str:
@@ -297,14 +410,33 @@ class SpeechEncoder(nn.Module):
             h.update(t.reshape(-1).view(torch.uint8).numpy())
         return h.hexdigest()
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write an HF folder (config.json, model.safetensors, preprocessor_config.json).
+    def feature_key(self) -> str:
+        """A hash of everything that decides the hidden states of an input: the weights' fingerprint,
+        the family, the input normalisation and the front end (a feature cache keys on it)."""
+        front = {"family": self.family, "normalize": self.normalize, "layout": repr(self.frame_layout)}
+        if self.family == "whisper":
+            front.update(n_mels=self.log_mel.n_mels, n_fft=whisper.N_FFT, hop=whisper.HOP)
+        else:
+            front.update(attention_mask=self.uses_attention_mask)
+        h = hashlib.blake2b(digest_size=32)
+        h.update(self.fingerprint().encode())
+        h.update(json.dumps(front, sort_keys=True).encode())
+        return h.hexdigest()
 
-        It loads with `SpeechEncoder(path)` (same outputs) and with plain ``<Model>.from_pretrained``.
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write an HF folder: config.json, model.safetensors and preprocessor_config.json.
+
+        wav2vec2 family: it loads with `SpeechEncoder(path)` (same outputs) and with plain
+        ``<Model>.from_pretrained``. Whisper: the whole `WhisperForConditionalGeneration` with this
+        encoder's weights and the source's decoder (random for a config dict), plus the source's
+        tokenizer and generation files, so the folder still transcribes.
         The layer weights of "weighted" belong to the task, not the encoder, and are not exported.
         """
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        if self.family == "whisper":
+            self._save_whisper(path)
+            return path
         with self._export_config():
             self.model.save_pretrained(path)
         Wav2Vec2FeatureExtractor(
@@ -316,11 +448,35 @@ class SpeechEncoder(nn.Module):
         ).save_pretrained(path)
         return path
 
+    # Files of a Whisper folder that belong to its tokenizer and decoding, copied into exports.
+    _WHISPER_SIDE_FILES = (
+        "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+        "normalizer.json", "added_tokens.json", "special_tokens_map.json",
+    )  # fmt: skip
+
+    def _save_whisper(self, path: Path) -> None:
+        with self._export_config() as config:
+            if isinstance(self.source, str):
+                full = WhisperForConditionalGeneration.from_pretrained(
+                    self.source, use_safetensors=None, weights_only=True, dtype=torch.float32
+                )
+            else:
+                full = WhisperForConditionalGeneration(config)
+            full.model.encoder.load_state_dict(self.model.state_dict())
+            full.config.encoder_layerdrop = config.encoder_layerdrop
+            full.save_pretrained(path)
+        WhisperFeatureExtractor(feature_size=int(config.num_mel_bins)).save_pretrained(path)
+        if isinstance(self.source, str) and Path(self.source).expanduser().is_dir():
+            src = Path(self.source).expanduser()
+            for name in self._WHISPER_SIDE_FILES:
+                if (src / name).is_file() and Path(src / name).resolve() != (path / name).resolve():
+                    shutil.copyfile(src / name, path / name)
+
     # ---------------------------------------------------------------- protocol
     def configure(self, layers: int | str, freeze: bool) -> None:
         """Choose the features and the freezing after construction: a task's protocol decides them
         (SUPERB: "weighted" and frozen), whatever the encoder config said."""
-        n_states = self.model.config.num_hidden_layers + 1
+        n_states = self.num_hidden_states
         if isinstance(layers, bool) or not isinstance(layers, (int, str)):
             raise ValueError(f"layers must be an int or one of 'average', 'weighted', 'last'; got {layers!r}")
         if isinstance(layers, str) and layers not in ("average", "weighted", "last"):
@@ -336,12 +492,23 @@ class SpeechEncoder(nn.Module):
         self.set_frozen(freeze)
 
     # ---------------------------------------------------------------- freezing
+    def _front_end(self) -> list[nn.Module]:
+        """The conv front end that `freeze_feature_encoder` keeps fixed."""
+        if self.family == "whisper":
+            return [self.model.conv1, self.model.conv2]
+        return [self.model.feature_extractor]
+
     def set_frozen(self, frozen: bool) -> None:
-        """Freeze (SUPERB) or unfreeze the whole model; the conv encoder stays as `freeze_feature_encoder` says."""
+        """Freeze (SUPERB) or unfreeze the whole model; the conv front end stays as `freeze_feature_encoder` says."""
         self.frozen = bool(frozen)
         for p in self.model.parameters():
             p.requires_grad_(not self.frozen)
-        if not self.frozen and self.freeze_feature_encoder:
+        if self.family == "whisper":
+            self.model.embed_positions.requires_grad_(False)  # fixed sinusoids, as transformers keeps them
+            if not self.frozen and self.freeze_feature_encoder:
+                for module in self._front_end():
+                    module.requires_grad_(False)
+        elif not self.frozen and self.freeze_feature_encoder:
             self.model.feature_extractor._freeze_parameters()
         else:
             self.model.feature_extractor._requires_grad = not self.frozen
@@ -360,7 +527,8 @@ class SpeechEncoder(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
+        config = self.model.config
+        return int(config.encoder_layers if self.family == "whisper" else config.num_hidden_layers)
 
     @property
     def num_hidden_states(self) -> int:
@@ -372,10 +540,24 @@ class SpeechEncoder(nn.Module):
 
     @property
     def conv_layout(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        return conv_layout(self.model.config)
+        """(kernels, strides) of the frame layout's convolutions."""
+        return self.frame_layout.kernels, self.frame_layout.strides
+
+    @property
+    def samples_per_frame(self) -> int:
+        """Waveform samples per feature frame (320 at 16 kHz for both families: 50 frames/s)."""
+        return self.frame_layout.samples_per_frame
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest input that gives one frame (the receptive field: 400 samples for wav2vec2)."""
+        n = 1
+        while int(self.frame_layout(n)) < 1:
+            n += 1
+        return n
 
     def frame_lengths(self, lengths: Tensor | int) -> Tensor:
-        return masking.frame_lengths(lengths, *self.conv_layout)
+        return self.frame_layout(lengths)
 
     # ---------------------------------------------------------------- forward
     def _prepare(self, waveforms: Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -397,13 +579,14 @@ class SpeechEncoder(nn.Module):
             x = (x - mean) / torch.sqrt(var + 1e-7)
         return x * valid, lengths.round().long()
 
-    def forward(
+    def hidden(
         self,
         waveforms: Tensor,
         attention_mask: Tensor | None = None,
         mask_time_indices: Tensor | None = None,
-    ) -> EncoderOutput:
-        """Encode [B, T] waveforms (16 kHz; attention_mask 1 = real sample, right padding)."""
+    ) -> tuple[tuple[Tensor, ...], Tensor]:
+        """All hidden states (num_layers + 1 tensors [B, F, D]) of [B, T] 16 kHz waveforms
+        (attention_mask 1 = real sample, right padding), and the frame mask [B, F] (True = real)."""
         if waveforms.dim() != 2:
             raise ValueError(f"waveforms must be [B, T], got shape {tuple(waveforms.shape)}")
         x, lengths = self._prepare(waveforms, attention_mask)
@@ -414,15 +597,26 @@ class SpeechEncoder(nn.Module):
                     f"mask_time_indices must be [B, F] = {(x.shape[0], n_frames)}, got {tuple(mask_time_indices.shape)}"
                 )
             mask_time_indices = mask_time_indices.to(device=x.device, dtype=torch.bool)
-        hf_mask = attention_mask.long() if (attention_mask is not None and self.uses_attention_mask) else None
         with torch.no_grad() if self.frozen else nullcontext():
+            if self.family == "whisper":
+                mel, mel_lengths = self.log_mel(x, lengths)
+                return whisper.whisper_hidden_states(self.model, mel, mel_lengths, mask_time_indices)
+            hf_mask = attention_mask.long() if (attention_mask is not None and self.uses_attention_mask) else None
             out = self.model(
                 x, attention_mask=hf_mask, mask_time_indices=mask_time_indices, output_hidden_states=True
             )
         hidden_states = (*out.hidden_states[:-1], out.last_hidden_state)
+        frame_mask = torch.arange(n_frames, device=x.device)[None, :] < self.frame_lengths(lengths).to(x.device)[:, None]
+        return hidden_states, frame_mask
 
+    def combine(self, hidden_states: tuple[Tensor, ...] | list[Tensor], frame_mask: Tensor) -> EncoderOutput:
+        """The chosen features (a layer, the average, or the learned weighted sum) and their pooled
+        vectors, from hidden states computed now or read from a feature cache."""
+        hidden_states = tuple(hidden_states)
+        if len(hidden_states) != self.num_hidden_states:
+            raise ValueError(f"expected {self.num_hidden_states} hidden states, got {len(hidden_states)}")
         if self.layers == "last":
-            features = out.last_hidden_state
+            features = hidden_states[-1]
         elif self.layers == "average":
             features = torch.stack(hidden_states).mean(0)
         elif self.layers == "weighted":
@@ -430,15 +624,21 @@ class SpeechEncoder(nn.Module):
             features = torch.einsum("l,lbfd->bfd", weights, torch.stack(hidden_states))
         else:
             features = hidden_states[self.layers]
-
-        frame_mask = (
-            torch.arange(features.shape[1], device=x.device)[None, :] < self.frame_lengths(lengths)[:, None]
-        )
-        m = frame_mask.to(features.dtype)[..., None]
-        pooled = (features * m).sum(1) / m.sum(1).clamp(min=1.0)
         return EncoderOutput(
-            features=features, frame_mask=frame_mask, hidden_states=hidden_states, pooled=pooled
+            features=features,
+            frame_mask=frame_mask,
+            hidden_states=hidden_states,
+            pooled=masked_mean(features, frame_mask),
         )
+
+    def forward(
+        self,
+        waveforms: Tensor,
+        attention_mask: Tensor | None = None,
+        mask_time_indices: Tensor | None = None,
+    ) -> EncoderOutput:
+        """Encode [B, T] waveforms (16 kHz; attention_mask 1 = real sample, right padding)."""
+        return self.combine(*self.hidden(waveforms, attention_mask, mask_time_indices))
 
     def extra_repr(self) -> str:
         return f"source={self.describe()}, layers={self.layers!r}, frozen={self.frozen}"

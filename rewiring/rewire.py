@@ -7,7 +7,7 @@ pair was built):
   workers, through the content-addressed cache);
 - mixed: a seeded coin per utterance picks twin or neutral.
 Both views also get their own time masks over feature frames, drawn in the collate (the frame
-count follows from the conv layout) and applied by the encoder through `mask_time_indices`.
+count comes from the encoder's frame layout) and applied by the encoder through `mask_time_indices`.
 Every other utterance in the (global, under DDP) batch is a negative.
 """
 
@@ -29,16 +29,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from rewiring.audio import BadAudio, BucketBatchSampler, load_or_skip, pad_batch
-from rewiring.encoder import SpeechEncoder
+from rewiring.encoder import FrameLayout, SpeechEncoder, masked_mean
 from rewiring.manifest import Record, audio_path, read_manifest
-from rewiring.masking import frame_lengths, span_mask, time_masks
+from rewiring.masking import span_mask, time_masks
 from rewiring.synthesis import SynthesisCache, SynthesisError, Synthesizer
 
 log = logging.getLogger(__name__)
 
 Pairing = Literal["twin", "neutral", "mixed"]
-WAV2VEC2_KERNELS = (10, 3, 3, 3, 3, 2, 2)
-WAV2VEC2_STRIDES = (5, 2, 2, 2, 2, 2, 2)
 
 
 def resolve_manifest(manifest: str | Path) -> Path:
@@ -129,21 +127,27 @@ class PairDataset(Dataset):
 
 
 class PairCollate:
-    """Pads each view in the batch and draws independent time masks for each (padding never masked)."""
+    """Pads each view in the batch and draws independent time masks for each (padding never masked).
 
-    def __init__(self, conv_kernel, conv_stride, mask_prob: float, mask_span: int, min_masks: int) -> None:
-        self.conv_kernel = tuple(conv_kernel)
-        self.conv_stride = tuple(conv_stride)
+    The frame count of a waveform comes from the encoder (`SpeechEncoder.frame_layout`: wav2vec2's
+    conv stack, or Whisper's log-mel hop and convolutions); `RewiringModule.setup` hands it over
+    before the data loaders start, so the data module never assumes an architecture.
+    """
+
+    def __init__(self, mask_prob: float, mask_span: int, min_masks: int) -> None:
+        self.layout: FrameLayout | None = None
         self.mask_prob = mask_prob
         self.mask_span = mask_span
         self.min_masks = min_masks
 
     def _view(self, wavs: list[Tensor]) -> dict:
         batch = pad_batch(wavs)
-        frames = frame_lengths(batch.lengths, self.conv_kernel, self.conv_stride)
-        n_frames = int(frame_lengths(batch.waveforms.shape[-1], self.conv_kernel, self.conv_stride))
         mask = None
         if self.mask_prob > 0:
+            if self.layout is None:
+                raise RuntimeError("PairCollate has no frame layout: RewiringModule.setup sets it from the encoder")
+            frames = self.layout(batch.lengths)
+            n_frames = int(self.layout(batch.waveforms.shape[-1]))
             mask = time_masks(frames, n_frames, self.mask_prob, self.mask_span, self.min_masks)
         return {"waveforms": batch.waveforms, "attention_mask": batch.attention_mask, "mask_time_indices": mask}
 
@@ -175,8 +179,6 @@ class RewiringDataModule(LightningDataModule):
         num_workers: data-loader workers (TTS runs there, not on the main process).
         seed: the mixed pairing's coin.
         on_bad_audio: `error` stops at a bad file (naming it); `skip` logs and counts it.
-        conv_kernel, conv_stride: the encoder's conv layout (wav2vec 2.0's; checked against the
-            encoder at fit start), so masks match its frame count.
         bucket_by_length: sort each epoch's batches by length so padding stays small.
         prefill_workers: before training (`prepare_data`: once per node, before any DataLoader
             worker starts), synthesise every neutral text the cache does not hold yet on this many
@@ -200,8 +202,6 @@ class RewiringDataModule(LightningDataModule):
         num_workers: int = 2,
         seed: int = 0,
         on_bad_audio: BadAudio = "skip",
-        conv_kernel: tuple[int, ...] = WAV2VEC2_KERNELS,
-        conv_stride: tuple[int, ...] = WAV2VEC2_STRIDES,
         bucket_by_length: bool = True,
         prefill_workers: int = 0,
     ) -> None:
@@ -225,7 +225,7 @@ class RewiringDataModule(LightningDataModule):
         if prefill_workers < 0:
             raise ValueError(f"data.prefill_workers must be >= 0, got {prefill_workers}")
         self.prefill_workers = prefill_workers
-        self.collate = PairCollate(conv_kernel, conv_stride, mask_prob, mask_span, min_masks)
+        self.collate = PairCollate(mask_prob, mask_span, min_masks)
         self.dataset: PairDataset | None = None
         self.skipped_long = 0
 
@@ -364,8 +364,7 @@ class RewiringModule(LightningModule):
             frames = hidden[-1]
         else:
             frames = torch.stack([hidden[i] for i in self.pool_layers]).mean(0)
-        mask = out.frame_mask.unsqueeze(-1).to(frames.dtype)
-        pooled = (frames * mask).sum(1) / mask.sum(1).clamp(min=1)
+        pooled = masked_mean(frames, out.frame_mask)
         return self.projection(pooled) if self.projection is not None else pooled
 
     def _gather(self, z: Tensor) -> Tensor:
@@ -374,16 +373,14 @@ class RewiringModule(LightningModule):
             return z
         return self.all_gather(z, sync_grads=True).flatten(0, 1)
 
-    def on_fit_start(self) -> None:
-        dm = self.trainer.datamodule
+    def setup(self, stage: str) -> None:
+        """Hand the encoder's frame layout to the pair collate (before Lightning builds the loaders)."""
+        dm = self.trainer.datamodule if self.trainer is not None else None
         collate = getattr(dm, "collate", None)
         if isinstance(collate, PairCollate):
-            kernels, strides = self.encoder.conv_layout
-            if tuple(kernels) != collate.conv_kernel or tuple(strides) != collate.conv_stride:
-                raise ValueError(
-                    f"data.conv_kernel/conv_stride {collate.conv_kernel}/{collate.conv_stride} do not match the "
-                    f"encoder's conv layout {tuple(kernels)}/{tuple(strides)}: set them to the encoder's"
-                )
+            collate.layout = self.encoder.frame_layout
+
+    def on_fit_start(self) -> None:
         if self.isotropy_manifest and self.trainer.is_global_zero:
             self._isotropy_before = self._isotropy()
 

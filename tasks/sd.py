@@ -179,10 +179,7 @@ class SpeakerDiarization(TaskModule):
         self.lstm_hidden = lstm_hidden
         self.lstm_layers = lstm_layers
         self.threshold = threshold
-        stride = 1
-        for s in encoder.conv_layout[1]:
-            stride *= s
-        self.frame_rate = SAMPLE_RATE / stride  # frames per second (50 for wav2vec2's conv stack)
+        self.frame_rate = SAMPLE_RATE / encoder.samples_per_frame  # frames per second (50 for wav2vec2 and Whisper)
 
     def build_head(self, spec: dict[str, Any]) -> None:
         self.num_speakers = int(spec["num_speakers"])

@@ -84,6 +84,7 @@ def test_neutral_pairs_come_from_the_cache_and_skips_are_counted(unlabelled, tmp
     assert dm.dataset.cache.hits == 1
     # the TTS view is a different waveform, not the utterance itself
     assert good[0]["view1"].shape != good[0]["view2"].shape or not torch.equal(good[0]["view1"], good[0]["view2"])
+    dm.collate.layout = SpeechEncoder(TINY_CONFIG).frame_layout  # RewiringModule.setup does this in a fit
     batch = dm.collate(items[:4] + items[-2:])
     assert batch["skipped"] == {"no_text": 1, "unsayable": 1}
     assert batch["size"] == 4
@@ -131,7 +132,8 @@ def test_length_rules_skip_and_halve(unlabelled, tmp_path):
 
 
 def test_collate_draws_independent_masks_never_on_padding():
-    collate = PairCollate((10, 3, 3, 3, 3, 2, 2), (5, 2, 2, 2, 2, 2, 2), 0.3, 5, 2)
+    collate = PairCollate(0.3, 5, 2)
+    collate.layout = SpeechEncoder(TINY_CONFIG).frame_layout
     items = [
         {"id": str(i), "kind": "twin", "view1": torch.randn(n), "view2": torch.randn(n)}
         for i, n in enumerate([16000, 24000, 32000])
