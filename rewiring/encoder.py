@@ -34,9 +34,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from contextlib import contextmanager, nullcontext
 import math
 import shutil
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -60,7 +60,7 @@ from transformers import (
 )
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
-from rewiring import masking, whisper
+from rewiring import whisper
 
 __all__ = [
     "TINY_CONFIG",
