@@ -11,6 +11,19 @@ The paper says rewiring makes the space more isotropic but its metric could not 
   a common offset drives them (to ~0 and ~1). I(W) is not scale-invariant: an isotropic Gaussian scores
   near 1 only at norms around 1, and raw features with norms in the tens score ~0 whatever their shape.
 
+I(W) = min_c Z(c) / max_c Z(c), Z(c) = sum_w exp(c . w), comes in two variants, both over the uncentred
+points w; they differ in the directions c:
+
+- ``partition_isotropy``: Mu & Viswanath as written: c over the eigenvectors of W^T W of the *raw*
+  embeddings (their approximation of the min and max over unit vectors). A common offset is close to the
+  top eigenvector, so it shows directly (Z along it explodes: I(W) -> 0). An eigenvector's sign is the
+  eigensolver's choice, so each is oriented towards the cloud's mean (c . mean >= 0): a fixed rule, and
+  the same value on any machine.
+- ``partition_isotropy_centred``: c over the eigenvectors of the *centred* covariance and their
+  negatives (2d directions; no sign to choose). A common offset counts only through its projection on
+  those axes, so a cloud shifted along one of its principal axes still scores ~0, but an offset that lies
+  between the axes counts less than in the raw variant.
+
 Every measure runs on a fixed, seeded sample of rows: ``SAMPLES_PER_DIM`` (10) rows per dimension by
 default; more rows are subsampled, fewer give a warning (with n < d rows the spectrum has at most n - 1
 non-zero values, so IsoScore and the effective rank are capped by the sample, not the model). Compare
@@ -42,6 +55,7 @@ __all__ = [
     "isoscore",
     "effective_rank",
     "partition_isotropy",
+    "partition_isotropy_centred",
     "average_cosine",
     "isotropy_report",
     "IsotropyCallback",
@@ -128,16 +142,24 @@ def _effective_rank(spec: Spectrum) -> float:
     return float(torch.exp(-(p * p.log()).sum()))
 
 
-def _partition_isotropy(spec: Spectrum) -> float:
-    """I(W) = min_c Z(c) / max_c Z(c), Z(c) = sum_i exp(c . w_i), over c = +-eigenvectors, in log space.
-
-    Mu & Viswanath take c over the eigenvectors; we add their negatives, so the result does not depend on
-    the arbitrary sign an eigensolver gives each one. Z uses the uncentred points: a common offset is
-    exactly what I(W) measures.
-    """
-    directions = torch.cat([spec.eigenvectors, -spec.eigenvectors], dim=1)  # [d, 2d]
-    log_z = torch.logsumexp(spec.points @ directions, dim=0)
+def _log_partition_ratio(points: Tensor, directions: Tensor) -> float:
+    """min_c Z(c) / max_c Z(c), Z(c) = sum_i exp(c . w_i), over the columns c of `directions`, in log space
+    (exp(c . w) overflows float64 for |c . w| > 709)."""
+    log_z = torch.logsumexp(points @ directions, dim=0)
     return float(torch.exp(log_z.min() - log_z.max()))
+
+
+def _partition_isotropy(points: Tensor) -> float:
+    """Mu & Viswanath's I(W): c over the eigenvectors of W^T W of the raw points, each oriented to the mean."""
+    _, vectors = torch.linalg.eigh(points.T @ points)
+    side = torch.sign(points.mean(0) @ vectors)
+    vectors = vectors * torch.where(side == 0, 1.0, side)  # a mean orthogonal to c keeps the solver's sign
+    return _log_partition_ratio(points, vectors)
+
+
+def _partition_isotropy_centred(spec: Spectrum) -> float:
+    """I(W) with c over +- the eigenvectors of the centred covariance (the sign-free variant)."""
+    return _log_partition_ratio(spec.points, torch.cat([spec.eigenvectors, -spec.eigenvectors], dim=1))
 
 
 def _average_cosine(points: Tensor, pairs: int, seed: int) -> float:
@@ -161,8 +183,16 @@ def effective_rank(X: Tensor | np.ndarray, sample_size: int | None = None, seed:
 
 
 def partition_isotropy(X: Tensor | np.ndarray, sample_size: int | None = None, seed: int = 0) -> float:
-    """Mu & Viswanath's I(W) in (0, 1]: near 1 when no direction dominates, near 0 with a common offset."""
-    return _partition_isotropy(spectrum(X, sample_size, seed))
+    """Mu & Viswanath's I(W) in (0, 1] as they define it (c over the eigenvectors of W^T W of the raw
+    points): near 1 when no direction dominates, near 0 with a common offset."""
+    return _partition_isotropy(_sample(_rows(X), sample_size, seed))
+
+
+def partition_isotropy_centred(
+    X: Tensor | np.ndarray, sample_size: int | None = None, seed: int = 0
+) -> float:
+    """I(W) in (0, 1] with c over +- the eigenvectors of the centred covariance (see the module docstring)."""
+    return _partition_isotropy_centred(spectrum(X, sample_size, seed))
 
 
 def average_cosine(
@@ -175,12 +205,14 @@ def average_cosine(
 def isotropy_report(
     X: Tensor | np.ndarray, sample_size: int | None = None, seed: int = 0, pairs: int = DEFAULT_PAIRS
 ) -> dict[str, float]:
-    """All four measures on the same seeded sample, from one eigendecomposition."""
+    """All five measures on the same seeded sample (one eigendecomposition of the centred covariance,
+    one of W^T W for Mu & Viswanath's I(W))."""
     spec = spectrum(X, sample_size, seed)
     return {
         "isoscore": _isoscore(spec),
         "effective_rank": _effective_rank(spec),
-        "partition_isotropy": _partition_isotropy(spec),
+        "partition_isotropy": _partition_isotropy(spec.points),
+        "partition_isotropy_centred": _partition_isotropy_centred(spec),
         "average_cosine": _average_cosine(spec.points, pairs, seed),
     }
 

@@ -1,8 +1,10 @@
 """Masks for the rewiring views: a zeroed waveform span, and time masks over the encoder's feature frames.
 
-The paper's twin view zeroes one contiguous span of 20% of an utterance's samples. Both views also get
-wav2vec 2.0 style time masks over feature frames (probability 0.05, span 10, at least 2 spans), which the
-encoder applies by replacing those frames with its learned mask embedding (``mask_time_indices``).
+The paper's twin view zeroes one contiguous span of 20% of an utterance's samples, drawn as the authors'
+code draws it (``span_mask``: ``int(n/5)`` samples from a start in ``range(0, int(n/5)*4 - 1)``,
+generalised to any share). Both views also get wav2vec 2.0 style time masks over feature frames
+(probability 0.05, span 10, at least 2 spans), which the encoder applies by replacing those frames with
+its learned mask embedding (``mask_time_indices``).
 
 ``time_masks`` is written in torch rather than calling transformers' ``_compute_mask_indices`` because that
 one draws from numpy's global random state, so it can neither take a ``torch.Generator`` (reproducible
@@ -31,11 +33,19 @@ def span_mask(
     generator: torch.Generator | None = None,
     length: int | Tensor | None = None,
 ) -> Tensor:
-    """A copy of ``wav`` with one contiguous span of ``round(share * n)`` real samples set to zero.
+    """A copy of ``wav`` with one contiguous span of ``int(share * n)`` real samples set to zero.
+
+    The draw is the authors' (rewireW2V2's ``sumavg-1ep.py``, ``n_mirror_mix.py``): for share 0.2 they
+    zero ``int(n/5)`` samples starting at ``random.sample(range(0, int(n/5)*4 - 1), 1)``. Generalised:
+    ``span = int(share * n)``, start uniform over ``range(0, whole - span - 1)`` with
+    ``whole = round(span / share)``, which is ``5 * int(n/5)`` at share 0.2, so the range is theirs
+    exactly. The intent is "anywhere in [0, n - span]"; their bound stops the span at least
+    ``n mod 5 + 2`` samples short of the end at 0.2, and we keep that rather than an idealised range.
+    A span of 0 (``n < 1/share``) zeroes nothing; where their range would be empty the start is 0.
 
     ``wav`` is one waveform ``[T]`` or a padded batch ``[B, T]``; ``n`` is the real length (``length``, an int
     or a ``[B]`` tensor; the full width when not given), so the span never lands in the padding and its
-    size does not depend on how much padding the batch has. The start is uniform over the valid positions.
+    size does not depend on how much padding the batch has.
     """
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"share must be in [0, 1], got {share}")
@@ -49,9 +59,14 @@ def span_mask(
         lengths = torch.as_tensor(length, dtype=torch.long).reshape(-1).expand(n_items).cpu()
         if (lengths < 0).any() or (lengths > width).any():
             raise ValueError(f"lengths must be in [0, {width}], got {lengths.tolist()}")
-    spans = torch.round(lengths.double() * share).long()
-    starts = (_rand((n_items,), generator, torch.device("cpu")).double() * (lengths - spans + 1)).long()
-    starts = torch.minimum(starts, lengths - spans)  # guards the (measure-zero) draw of exactly 1.0
+    if share == 0.0:
+        return wav.clone()
+    # int(n * share); the 1e-9 keeps a product such as 100 * 0.57 = 56.999... at 57
+    spans = torch.floor(lengths.double() * share + 1e-9).long()
+    whole = torch.round(spans.double() / share).long()
+    n_starts = torch.minimum((whole - spans - 1).clamp(min=1), lengths - spans + 1)
+    starts = (_rand((n_items,), generator, torch.device("cpu")).double() * n_starts).long()
+    starts = torch.minimum(starts, n_starts - 1)  # guards the (measure-zero) draw of exactly 1.0
     positions = torch.arange(width)
     zero = (positions >= starts[:, None]) & (positions < (starts + spans)[:, None])
     out = batch.masked_fill(zero.to(batch.device), 0.0)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rewiring.audio import BadAudio, BucketBatchSampler, load_or_skip, pad_batch
 from rewiring.encoder import FrameLayout, SpeechEncoder, masked_mean
@@ -37,6 +37,7 @@ from rewiring.synthesis import SynthesisCache, SynthesisError, Synthesizer
 log = logging.getLogger(__name__)
 
 Pairing = Literal["twin", "neutral", "mixed"]
+HalveMode = Literal["alternate", "both"]
 
 
 def resolve_manifest(manifest: str | Path) -> Path:
@@ -66,7 +67,13 @@ def pair_kind(pairing: Pairing, seed: int, rec_id: str) -> str:
 
 
 class PairDataset(Dataset):
-    """One positive pair per item; `None` (counted by reason in the batch) when an item can't be paired."""
+    """One positive pair per item; `None` (counted by reason in the batch) when an item can't be paired.
+
+    Utterances over `halve_over` seconds are cut in half, the TTS view the same way. `halve_mode`:
+    - "both": each half is an item of its own (an epoch sees both halves);
+    - "alternate": the authors' way, one item per utterance, whose half is chosen per epoch by the
+      sampler (`HalfSampler`): the key `(i, h)` asks for half `h` of item `i`; a plain `i` gives half 0.
+    """
 
     def __init__(
         self,
@@ -78,19 +85,22 @@ class PairDataset(Dataset):
         seed: int,
         halve_over: float | None,
         on_bad_audio: BadAudio,
+        halve_mode: HalveMode = "both",
     ) -> None:
+        if halve_mode not in ("both", "alternate"):
+            raise ValueError(f"data.halve_mode must be 'both' or 'alternate', got {halve_mode!r}")
         self.manifest = manifest
         self.pairing = pairing
         self.cache = cache
         self.span_share = span_share
         self.seed = seed
         self.on_bad_audio = on_bad_audio
-        # The paper cuts utterances over `halve_over` seconds in half: both halves become items,
-        # and the TTS view is cut the same way.
+        self.halve_mode = halve_mode
+        # (record, half, parts): half is fixed under "both" and comes with the key under "alternate"
         self.items: list[tuple[Record, int, int]] = []
         for rec in records:
             parts = 2 if halve_over is not None and rec.duration > halve_over else 1
-            self.items.extend((rec, k, parts) for k in range(parts))
+            self.items.extend((rec, k, parts) for k in range(parts if halve_mode == "both" else 1))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -105,8 +115,13 @@ class PairDataset(Dataset):
         half = wav.shape[-1] // 2
         return wav[:half] if k == 0 else wav[half:]
 
-    def __getitem__(self, i: int) -> dict | tuple[None, str]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | tuple[None, str]:
+        i, half = key if isinstance(key, tuple) else (key, 0)
         rec, k, parts = self.items[i]
+        if self.halve_mode == "alternate" and parts == 2:
+            if half not in (0, 1):
+                raise ValueError(f"half must be 0 or 1, got {half!r}")
+            k = half
         kind = self.kind(rec)
         if kind == "neutral" and not rec.text:
             log.warning("no text to synthesise for %s (%s): skipped", rec.id, self.manifest)
@@ -124,6 +139,47 @@ class PairDataset(Dataset):
                 log.warning("cannot synthesise %s (%s): %s; skipped", rec.id, self.manifest, err)
                 return (None, "unsayable")
         return {"id": rec.id, "kind": kind, "view1": wav, "view2": other}
+
+
+class HalfSampler(Sampler):
+    """The epoch's order of a `halve_mode="alternate"` PairDataset, as keys `(index, half)`.
+
+    The authors' loop (rewireW2V2's scripts) walks a shuffled loader and takes the first half of a
+    long utterance on even loader steps (`batch_id % 2 == 0`) and the second on odd ones. So the k-th
+    item of the epoch's order gets half k % 2 (short utterances ignore it): about half the long
+    utterances give their first half, a different set each epoch. The half travels in the key, so
+    DataLoader workers, persistent ones too, need no epoch of their own.
+
+    With `batches` (the length-bucketing batch sampler) it yields those batches, each index with its
+    half. Without, it yields single keys in a shuffle seeded by (seed, epoch), so that every DDP rank
+    draws the same order (Lightning then wraps it in its DistributedSamplerWrapper, which splits that
+    order between ranks). Lightning calls `set_epoch` before each epoch; each pass also moves on one
+    epoch, for loops (and that wrapper) that do not call it.
+    """
+
+    def __init__(self, n_items: int, seed: int, batches: Sampler[list[int]] | None = None) -> None:
+        self.n_items = n_items
+        self.seed = seed
+        self.batches = batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.batches) if self.batches is not None else self.n_items
+
+    def __iter__(self):
+        if self.batches is not None:
+            position = 0
+            for batch in self.batches:
+                yield [(i, (position + k) % 2) for k, i in enumerate(batch)]
+                position += len(batch)
+            return
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        self.epoch += 1
+        for position, i in enumerate(torch.randperm(self.n_items, generator=g).tolist()):
+            yield (i, position % 2)
 
 
 class PairCollate:
@@ -175,6 +231,11 @@ class RewiringDataModule(LightningDataModule):
             mask_prob=0 turns them off.
         max_seconds: skip utterances longer than this (the paper: 11.25).
         halve_over: cut utterances longer than this in half, both views alike (the paper: 5.625).
+        halve_mode: what becomes of the two halves. "both" (default): each half is an item, so an
+            epoch has one item more per long utterance (a quarter step at 4 pairs). "alternate": the
+            authors' way, one item per utterance (an epoch of the authors' 6651-utterance subset is
+            6651 items), the first half at even positions of the epoch's shuffled order and the
+            second at odd ones (`HalfSampler`; with length bucketing and DataLoader workers too).
         batch_size: pairs per step (the paper: 4); each anchor has 2*batch_size-2 negatives.
         num_workers: data-loader workers (TTS runs there, not on the main process).
         seed: the mixed pairing's coin.
@@ -198,6 +259,7 @@ class RewiringDataModule(LightningDataModule):
         min_masks: int = 2,
         max_seconds: float | None = None,
         halve_over: float | None = None,
+        halve_mode: HalveMode = "both",
         batch_size: int = 4,
         num_workers: int = 2,
         seed: int = 0,
@@ -217,6 +279,9 @@ class RewiringDataModule(LightningDataModule):
         self.span_share = span_share
         self.max_seconds = max_seconds
         self.halve_over = halve_over
+        if halve_mode not in ("both", "alternate"):
+            raise ValueError(f"data.halve_mode must be 'both' or 'alternate', got {halve_mode!r}")
+        self.halve_mode = halve_mode
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.seed = seed
@@ -275,8 +340,9 @@ class RewiringDataModule(LightningDataModule):
         path, records = self._records()
         cache = self._cache()
         self.dataset = PairDataset(
-            path, records, self.pairing, cache, self.span_share, self.seed, self.halve_over, self.on_bad_audio
-        )
+            path, records, self.pairing, cache, self.span_share, self.seed, self.halve_over,
+            self.on_bad_audio, halve_mode=self.halve_mode,
+        )  # fmt: skip
         if len(self.dataset) < self.batch_size:
             raise ValueError(f"{path}: {len(self.dataset)} usable utterances, fewer than batch_size={self.batch_size}")
 
@@ -286,10 +352,18 @@ class RewiringDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+        alternate = self.halve_mode == "alternate"
         if self.bucket_by_length:
             durations = [rec.duration / parts for rec, _, parts in self.dataset.items]
             sampler = BucketBatchSampler(durations, self.batch_size, self.seed)
+            if alternate:
+                sampler = HalfSampler(len(self.dataset), self.seed, batches=sampler)
             return DataLoader(self.dataset, batch_sampler=sampler, **common)
+        if alternate:  # the sampler shuffles (seeded per epoch) and hands each item its half
+            sampler = HalfSampler(len(self.dataset), self.seed)
+            return DataLoader(
+                self.dataset, sampler=sampler, batch_size=self.batch_size, drop_last=True, **common
+            )
         return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, **common)
 
 

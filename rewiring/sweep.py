@@ -20,8 +20,9 @@ The YAML is a `SweepSpec` (below; `--help` lists every field). What the sweep do
    hyperparameters; the checkpoint restores weights, optimizer, loop and the callback's curve and
    clock). A run killed before its first checkpoint is deleted and started again. A finished fit
    without test.json only runs its test. The rewiring stage resumes the same way.
-4. Learning rate: every arm gets the same grid; the report picks, per task, split and arm, the lr
-   with the best dev primary metric averaged over seeds, and reports the test metric there.
+4. Learning rate: every arm gets the same grid (one per task where `task_lrs` gives one); the
+   report picks, per task, split and arm, the lr with the best dev primary metric averaged over
+   seeds, and reports the test metric there.
 5. Writes runs/<sweep>/sweep.json (the plan) and, at the end, the report (rewiring.report).
 
 `--launcher slurm` runs nothing: it writes runs/<sweep>/slurm/ with the resolved spec, a job
@@ -72,6 +73,8 @@ class SweepSpec:
             or an amount of audio ("10min", "1h").
         seeds: training seeds (seed_everything); each (task, split, arm, lr) runs once per seed.
         lrs: the learning-rate grid, the same for every arm.
+        task_lrs: a task's own grid in place of `lrs` (e.g. {"sid": [5.0e-4, 1.0e-3, 2.0e-3]}: each
+            task's recipe default at its centre), still the same for every arm.
         lr_arg: the argument the grid sets (the head's lr under the frozen SUPERB protocol).
         split_seed: seed of the low-resource subset, the same for every run; null: the run's seed.
         base_config: stacked first by every process.
@@ -103,6 +106,7 @@ class SweepSpec:
     splits: list[str] = field(default_factory=lambda: ["1%", "5%", "10%", "100%"])
     seeds: list[int] = field(default_factory=lambda: [0, 1])
     lrs: list[float] = field(default_factory=lambda: [1e-3])
+    task_lrs: dict[str, list[float]] = field(default_factory=dict)
     lr_arg: str = "model.init_args.lr_head"
     split_seed: int | None = 0
     base_config: str = "conf/base.yaml"
@@ -143,6 +147,16 @@ class SweepSpec:
             raise ValueError("jobs must be >= 1")
         if any(lr <= 0 for lr in self.lrs):
             raise ValueError(f"lrs must be positive: {self.lrs}")
+        for task, grid in self.task_lrs.items():
+            if task not in self.tasks and task not in ALL_TASKS:
+                known = sorted(set(self.tasks) | set(ALL_TASKS))
+                raise ValueError(f"task_lrs: unknown task {task!r} (known: {known})")
+            if not grid or len(set(grid)) != len(grid) or any(lr <= 0 for lr in grid):
+                raise ValueError(f"task_lrs.{task}: give distinct positive learning rates, got {grid}")
+
+    def lrs_for(self, task: str) -> list[float]:
+        """The task's learning-rate grid: its own from `task_lrs`, else `lrs`."""
+        return list(self.task_lrs.get(task, self.lrs))
 
     @property
     def root(self) -> Path:
@@ -233,7 +247,7 @@ def plan(spec: SweepSpec) -> list[Run]:
     for arm in arms:
         for task in spec.tasks:
             for split in spec.splits:
-                for lr in spec.lrs:
+                for lr in spec.lrs_for(task):
                     for seed in spec.seeds:
                         runs.append(Run(task, split, arm, lr, seed, run_dir(spec, task, split, arm, lr, seed)))
     return runs
@@ -553,6 +567,7 @@ class Sweep:
             "splits": s.splits,
             "seeds": s.seeds,
             "lrs": s.lrs,
+            "task_lrs": {t: s.lrs_for(t) for t in s.tasks},
             "runs": [
                 {
                     "task": r.task,
@@ -721,13 +736,22 @@ def check_baseline(spec: SweepSpec) -> None:
 
 
 # ---------------------------------------------------------------------------- dry run and slurm
+def _lr_count(spec: SweepSpec) -> str:
+    """How many lrs each task has: "3", or "3-5" when the per-task grids differ in size."""
+    sizes = sorted({len(spec.lrs_for(t)) for t in spec.tasks})
+    return str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+
+
 def print_plan(sweep: Sweep) -> None:
     spec, out = sweep.spec, sweep.out
     print(
         f"sweep {spec.name}: {len(spec.arms)} arms x {len(spec.tasks)} tasks x {len(spec.splits)} splits x "
-        f"{len(spec.lrs)} lrs x {len(spec.seeds)} seeds = {len(sweep.runs)} runs in {spec.root}",
+        f"{_lr_count(spec)} lrs x {len(spec.seeds)} seeds = {len(sweep.runs)} runs in {spec.root}",
         file=out,
     )
+    for task in spec.tasks:
+        if task in spec.task_lrs:
+            print(f"  lrs {task}: {', '.join(f'{lr:g}' for lr in spec.lrs_for(task))}", file=out)
     for arm in spec.arms:
         ready = "ready" if encoder_ready(spec, arm) else ("missing" if arm == BASELINE else "to rewire")
         print(f"  arm {arm}: encoder {encoder_path(spec, arm)} ({ready})", file=out)

@@ -20,11 +20,12 @@ from rewiring.isotropy import (
     isoscore,
     isotropy_report,
     partition_isotropy,
+    partition_isotropy_centred,
     spectrum,
 )
 
 D = 32
-METRICS = {"isoscore", "effective_rank", "partition_isotropy", "average_cosine"}
+METRICS = {"isoscore", "effective_rank", "partition_isotropy", "partition_isotropy_centred", "average_cosine"}
 SMALL = {**TINY_CONFIG, "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
          "intermediate_size": 32, "conv_dim": [8] * 7, "num_conv_pos_embeddings": 8,
          "num_conv_pos_embedding_groups": 2}  # fmt: skip
@@ -47,7 +48,7 @@ def test_isotropic_gaussian():
     assert set(r) == METRICS
     assert r["isoscore"] > 0.95
     assert r["effective_rank"] > 0.98 * D
-    assert r["partition_isotropy"] > 0.9
+    assert r["partition_isotropy"] > 0.9 and r["partition_isotropy_centred"] > 0.9
     assert abs(r["average_cosine"]) < 0.02
     # at the default 10 points per dimension the finite-sample bias of IsoScore shows, but stays small
     assert isoscore(X[: 10 * D]) > 0.85
@@ -57,7 +58,7 @@ def test_common_offset_kills_cosine_and_partition_isotropy_but_not_the_centred_m
     X = torch.randn(10 * D, D, generator=_gen()) + 20.0
     r = isotropy_report(X)
     assert r["average_cosine"] > 0.99
-    assert r["partition_isotropy"] < 1e-6
+    assert r["partition_isotropy"] < 1e-6 and r["partition_isotropy_centred"] < 1e-6
     assert r["isoscore"] > 0.85 and r["effective_rank"] > 0.95 * D  # they centre first
 
 
@@ -78,14 +79,52 @@ def test_isoscore_and_effective_rank_are_scale_and_rotation_invariant():
         assert effective_rank(Y) == pytest.approx(effective_rank(X), rel=1e-6)  # float32 rotation
 
 
-def test_partition_isotropy_matches_the_direct_formula_and_does_not_overflow():
+def test_partition_isotropy_is_mu_and_viswanath_as_written():
+    """Z(c) = sum_w exp(c . w) over the eigenvectors c of W^T W of the raw points, min Z / max Z."""
+    X = torch.randn(10 * 6, 6, generator=_gen()) * torch.tensor([0.3, 0.5, 0.7, 0.9, 1.1, 1.3]) + 0.3
+    W = X.double().numpy()
+    _, C = np.linalg.eigh(W.T @ W)
+    C = C * np.where(W.mean(0) @ C < 0, -1.0, 1.0)  # the documented orientation: towards the mean
+    Z = np.exp(W @ C).sum(0)
+    assert partition_isotropy(X) == pytest.approx(Z.min() / Z.max(), rel=1e-9)
+    assert partition_isotropy(X) != pytest.approx(partition_isotropy_centred(X), rel=1e-3)  # two definitions
+    Q = torch.linalg.qr(torch.randn(6, 6, generator=_gen(1), dtype=torch.float64))[0]
+    assert partition_isotropy(X.double() @ Q) == pytest.approx(partition_isotropy(X), rel=1e-6)  # rotation
+
+
+def test_partition_isotropy_centred_matches_the_direct_formula_and_neither_overflows():
     X = torch.randn(10 * 6, 6, generator=_gen()) * 0.5 + 0.3
     spec = spectrum(X)
     C = torch.cat([spec.eigenvectors, -spec.eigenvectors], 1)
     Z = torch.exp(spec.points @ C).sum(0)
-    assert partition_isotropy(X) == pytest.approx(float(Z.min() / Z.max()), rel=1e-9)
-    big = partition_isotropy(torch.randn(60, 6, generator=_gen()) * 1000.0)  # exp() overflows directly
-    assert math.isfinite(big) and 0.0 <= big <= 1.0
+    assert partition_isotropy_centred(X) == pytest.approx(float(Z.min() / Z.max()), rel=1e-9)
+    big = torch.randn(60, 6, generator=_gen()) * 1000.0  # exp() overflows directly
+    for measure in (partition_isotropy, partition_isotropy_centred):
+        assert math.isfinite(measure(big)) and 0.0 <= measure(big) <= 1.0
+
+
+def _symmetric_set(a: torch.Tensor) -> torch.Tensor:
+    """{+a_i e_i, -a_i e_i}, each point 5 times (10 points per dimension; Z scales, its ratios do not)."""
+    return torch.cat([torch.diag(a), -torch.diag(a)]).repeat(5, 1)
+
+
+def test_partition_isotropy_of_a_symmetric_set_is_exact():
+    # both variants find the axes e_i, and Z(+-e_j) = 5 (2 cosh(a_j) + 2 (d - 1))
+    a = torch.tensor([0.5, 1.0, 1.5, 2.0, 3.0], dtype=torch.float64)
+    exact = (math.cosh(0.5) + 4) / (math.cosh(3.0) + 4)
+    assert partition_isotropy(_symmetric_set(a)) == pytest.approx(exact, rel=1e-12)
+    assert partition_isotropy_centred(_symmetric_set(a)) == pytest.approx(exact, rel=1e-12)
+
+
+def test_an_offset_between_the_principal_axes_shows_in_the_raw_definition_only():
+    # the symmetric set shifted by m = (1, ..., 1): |m| = 8, but only 1 along each principal axis e_i.
+    # Centred: Z(+-e_j) = exp(+-1) 5 (2 cosh(a_j) + 2 (d - 1)), exactly; raw: c ~ m / |m| gives ~exp(-|m|).
+    d = 64
+    a = torch.linspace(0.5, 1.0, d, dtype=torch.float64)
+    X = _symmetric_set(a) + 1.0
+    exact = math.exp(-2.0) * (math.cosh(0.5) + d - 1) / (math.cosh(1.0) + d - 1)
+    assert partition_isotropy_centred(X) == pytest.approx(exact, rel=1e-9)  # ~0.13: not near 0
+    assert partition_isotropy(X) < 1e-3  # near 0: the offset is (almost) an eigenvector of W^T W
 
 
 def test_average_cosine_uses_distinct_pairs():

@@ -40,8 +40,8 @@ def test_span_mask_stays_inside_the_valid_length_of_each_row():
         out = span_mask(wav, 0.2, generator=gen, length=lengths)
         for row, n in zip(out, lengths.tolist(), strict=True):
             runs = _zeroed_runs(row[:n])
-            assert len(runs) == 1 and runs[0][1] == round(0.2 * n)
-            assert runs[0][0] + runs[0][1] <= n
+            assert len(runs) == 1 and runs[0][1] == n // 5
+            assert runs[0][0] + runs[0][1] <= n - n % 5 - 2  # the authors' bound (below)
 
 
 def test_span_mask_is_reproducible_and_varies_across_draws():
@@ -52,10 +52,37 @@ def test_span_mask_is_reproducible_and_varies_across_draws():
     gen = torch.Generator().manual_seed(7)
     starts = {_zeroed_runs(span_mask(wav, 0.3, generator=gen))[0][0] for _ in range(20)}
     assert len(starts) > 10
-    # the span can reach both ends of the valid range
+    # the generalised draw at share 0.5: span int(12 * 0.5) = 6, start in range(0, 12 - 6 - 1)
     gen = torch.Generator().manual_seed(0)
     starts = {_zeroed_runs(span_mask(torch.rand(12) + 0.5, 0.5, generator=gen))[0][0] for _ in range(200)}
-    assert starts == set(range(7))
+    assert starts == set(range(5))
+
+
+@pytest.mark.parametrize("n", [5, 9, 10, 23, 64, 99])
+def test_span_mask_draws_the_span_and_start_exactly_as_the_authors(n):
+    """rewireW2V2: mask_len = int(num / 5); ran_start = random.sample(range(0, int(num / 5) * 4 - 1), 1)[0]."""
+    span, theirs = int(n / 5), set(range(0, int(n / 5) * 4 - 1))
+    gen = torch.Generator().manual_seed(n)
+    starts = set()
+    for _ in range(40 * len(theirs)):
+        runs = _zeroed_runs(span_mask(torch.rand(n) + 0.5, 0.2, generator=gen))
+        assert len(runs) == 1 and runs[0][1] == span
+        starts.add(runs[0][0])
+    assert starts == theirs  # every start of their range is drawn, and no other
+    # the same rule row by row in a padded batch, at the lengths of real utterances
+    lengths = torch.tensor([16000, 90001, 179999, 5])
+    wav = torch.rand(4, 179999) + 0.5
+    for _ in range(20):
+        out = span_mask(wav, 0.2, generator=gen, length=lengths)
+        for row, m in zip(out, lengths.tolist(), strict=True):
+            (start, size), *rest = _zeroed_runs(row[:m])
+            assert not rest and size == int(m / 5) and 0 <= start < int(m / 5) * 4 - 1
+
+
+def test_span_mask_of_nothing():
+    wav = torch.rand(4) + 0.5
+    assert torch.equal(span_mask(wav, 0.2), wav)  # int(4 / 5) = 0 samples
+    assert torch.equal(span_mask(torch.rand(50) + 0.5, 0.0).ne(0), torch.ones(50, dtype=torch.bool))
 
 
 def test_span_mask_rejects_a_bad_share():

@@ -131,6 +131,78 @@ def test_length_rules_skip_and_halve(unlabelled, tmp_path):
     assert torch.equal(torch.cat([first["view2"], second["view2"]]), tts)
 
 
+def _raw_items(items: list) -> list:
+    """A collate that hands the items over as they are (module level: DataLoader workers pickle it)."""
+    return items
+
+
+@pytest.mark.parametrize("bucket,workers", [(False, 0), (False, 2), (True, 2)])
+def test_alternate_halving_keeps_one_half_per_utterance_per_epoch(unlabelled, tmp_path, bucket, workers):
+    """The authors' halving: one item per utterance; a long one gives its first half at even positions
+    of the epoch's order and its second at odd ones (their `batch_id % 2`), through workers and bucketing."""
+    from lightning.fabric.utilities.data import _set_sampler_epoch
+
+    from rewiring.audio import load_audio
+    from rewiring.manifest import audio_path
+
+    full = _dm(unlabelled, "twin", tmp_path)
+    whole = {rec.id: load_audio(audio_path(unlabelled, rec)) for rec, _, _ in full.dataset.items}
+    limit = sorted(rec.duration for rec, _, _ in full.dataset.items)[len(whole) // 2]
+    long = {rec.id for rec, _, _ in full.dataset.items if rec.duration > limit}
+    both = _dm(unlabelled, "twin", tmp_path, halve_over=limit)
+    alt = _dm(unlabelled, "twin", tmp_path, halve_over=limit, halve_mode="alternate", bucket_by_length=bucket)
+    assert len(both.dataset) == len(whole) + len(long) and len(alt.dataset) == len(whole)
+    alt.collate, alt.num_workers = _raw_items, workers
+    loader = alt.train_dataloader()
+    epochs, orders = [], []
+    for epoch in range(4):
+        _set_sampler_epoch(loader, epoch)  # what Lightning's fit loop does before each epoch
+        order = [item for batch in loader for item in batch]
+        orders.append([it["id"] for it in order])
+        assert len(order) == len(whole) // 4 * 4 and len({it["id"] for it in order}) == len(order)
+        halves = []
+        for position, item in enumerate(order):
+            wav, n = whole[item["id"]], whole[item["id"]].shape[0]
+            if item["id"] in long:
+                expected = wav[: n // 2] if position % 2 == 0 else wav[n // 2 :]
+                halves.append((item["id"], position % 2))
+            else:
+                expected = wav
+            assert torch.equal(item["view1"], expected)
+        epochs.append(halves)
+    assert all(epochs) and len({tuple(sorted(h)) for h in epochs}) > 1  # the chosen halves change by epoch
+    assert {h for e in epochs for _, h in e} == {0, 1}
+    if not bucket:  # the order is the epoch's (seeded), so a resumed run sees that epoch's order again
+        _set_sampler_epoch(loader, 1)
+        assert [it["id"] for batch in loader for it in batch] == orders[1] != orders[0]
+    with pytest.raises(ValueError, match="halve_mode"):
+        RewiringDataModule(manifest=str(unlabelled), halve_mode="first")
+
+
+def test_the_paper_recipe_halves_as_the_authors_and_the_default_does_not():
+    import contextlib
+    import io
+
+    import yaml
+
+    def data(*configs: str) -> dict:
+        args = ["fit", "--config", "conf/base.yaml", "--config", "conf/encoder/wav2vec2-large-lv60.yaml"]
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            cli_main([*args, *(a for c in configs for a in ("--config", c)), "--print_config"])
+        return yaml.safe_load(out.getvalue())["data"]["init_args"]
+
+    paper = data("conf/stages/rewire-paper.yaml", "conf/stages/paper/neutral.yaml")
+    assert paper["halve_mode"] == "alternate" and paper["halve_over"] == 5.625
+    assert data("conf/stages/rewire.yaml")["halve_mode"] == "both"
+
+
+def test_fast_dev_run_with_the_authors_halving(unlabelled, tmp_path):
+    cli_main([*_fit_args(unlabelled, tmp_path, "twin"), "--trainer.fast_dev_run=true",
+              "--data.init_args.halve_over=1.0", "--data.init_args.halve_mode=alternate",
+              "--data.init_args.bucket_by_length=false", "--data.init_args.num_workers=2"])  # fmt: skip
+
+
 def test_collate_draws_independent_masks_never_on_padding():
     collate = PairCollate(0.3, 5, 2)
     collate.layout = SpeechEncoder(TINY_CONFIG).frame_layout

@@ -339,12 +339,76 @@ def test_paper_dry_run(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     spec = yaml.safe_load((REPO / "conf/sweep/paper.yaml").read_text())
-    n = len(spec["arms"]) * len(spec["tasks"]) * len(spec["splits"]) * len(spec["seeds"]) * len(spec["lrs"])
+    lrs = sum(len(spec["task_lrs"].get(t, spec["lrs"])) for t in spec["tasks"])
+    n = len(spec["arms"]) * len(spec["splits"]) * len(spec["seeds"]) * lrs
     assert f"= {n} runs" in out
     assert "conf/encoder/wav2vec2-large-lv60.yaml" in out and "conf/trainer/ddp.yaml" in out
     for arm in ("twin", "neutral", "mixed"):
         assert f"rewire {arm}:" in out
     assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def _paper_spec(*over: str) -> sw.SweepSpec:
+    args = ["--config", str(REPO / "conf/sweep/paper.yaml"), *over]
+    return sw.spec_from_config(sw.build_parser().parse_args(args))
+
+
+def test_paper_lr_grid_is_per_task_around_the_s3prl_defaults_the_authors_ran():
+    spec = _paper_spec()
+    # the authors' s3prl checkout: Adam 1e-4 for asr, ks, ic, sf; 1e-3 for sid and sd (centre of each grid)
+    centre = {"asr": 1e-4, "ks": 1e-4, "ic": 1e-4, "sf": 1e-4, "sid": 1e-3, "sd": 1e-3}
+    runs = sw.plan(spec)
+    for task, lr in centre.items():
+        grid = sorted({r.lr for r in runs if r.task == task})
+        assert grid == pytest.approx([lr / 2, lr, lr * 2]), task
+        # every arm gets the same grid
+        assert {r.arm for r in runs if r.task == task and r.lr == grid[1]} == set(spec.arms)
+    plan = sw.Sweep(spec, runner=FakeRunner()).plan_json()
+    assert plan["task_lrs"]["sid"] == pytest.approx([5e-4, 1e-3, 2e-3])
+
+
+def test_task_lrs_override_lrs_and_name_the_field_when_wrong(tmp_path, capsys):
+    args = _spec_args(tmp_path, tasks=["ks", "sid"], lrs=[0.01], task_lrs={"sid": [0.1, 0.2]}, seeds=[0])
+    spec = sw.spec_from_config(sw.build_parser().parse_args(args))
+    assert [(r.task, r.lr) for r in sw.plan(spec)] == [("ks", 0.01), ("sid", 0.1), ("sid", 0.2)]
+    assert sw.run_sweep([*args, "--dry-run"], runner=FakeRunner()) == 0
+    out = capsys.readouterr().out
+    assert "1-2 lrs" in out and "lrs sid: 0.1, 0.2" in out and "= 3 runs" in out
+    # a known task outside this sweep's tasks is fine (a spec narrowed with --tasks keeps its grids)
+    narrowed = sw.spec_from_config(sw.build_parser().parse_args([*args, "--tasks", "[ks]"]))
+    assert narrowed.lrs_for("ks") == [0.01]
+    for bad, word in (
+        ({"sdi": [0.1]}, "unknown task 'sdi'"),
+        ({"sid": []}, "task_lrs.sid"),
+        ({"sid": [-1.0]}, "task_lrs.sid"),
+    ):
+        with pytest.raises(SystemExit):
+            sw.run_sweep([*_spec_args(tmp_path, task_lrs=bad), "--dry-run"], runner=FakeRunner())
+        err = capsys.readouterr().err
+        assert "task_lrs" in err and word in err
+
+
+def test_paper_rewiring_runs_in_fp32_unless_asked_for_bf16(monkeypatch):
+    """The sweep's rewiring command resolved by the real CLI: the recipe's fp32 survives the trainer config."""
+    import contextlib
+    import io
+
+    from rewiring.cli import cli_main
+
+    monkeypatch.chdir(REPO)
+
+    def resolved(spec: sw.SweepSpec) -> dict:
+        cmd = sw.rewire_command(spec, "neutral")
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+            cli_main([*cmd[3:], "--print_config"])
+        return yaml.safe_load(out.getvalue())["trainer"]
+
+    trainer = resolved(_paper_spec())
+    assert trainer["precision"] == "32-true" and trainer["accelerator"] == "gpu" and trainer["devices"] == 1
+    assert "conf/trainer/ddp.yaml" not in sw.rewire_command(_paper_spec(), "neutral")  # `configs` stay out
+    bf16 = _paper_spec("--rewire_args", "[--trainer.precision=bf16-mixed]")
+    assert resolved(bf16)["precision"] == "bf16-mixed"
 
 
 def test_demo_spec_is_valid():
