@@ -32,7 +32,7 @@ from benchmarks.common import (
     warm_cache,
 )
 
-SECTIONS = ("overhead", "pipeline", "scaling", "sweep", "gpu")
+SECTIONS = ("overhead", "pipeline", "scaling", "sweep", "gpu", "features")
 
 
 def cases(quick: bool, synth: str) -> list[Case]:
@@ -83,7 +83,12 @@ def _write(out: Path, results: dict[str, Any]) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    (out / "results.md").write_text(render(results))
+    text = render(results)
+    if "features" in results["sections"]:  # section 6 renders itself
+        from benchmarks.features import render as render_features
+
+        text += "\n" + "\n".join(render_features(results["sections"]["features"]))
+    (out / "results.md").write_text(text)
 
 
 def run_benchmarks(
@@ -106,7 +111,8 @@ def run_benchmarks(
     Args:
         out: folder for the results.
         quick: few repeats (a smoke run, not for reporting).
-        sections: which of overhead, pipeline, scaling, sweep, gpu to run (gpu: skipped without CUDA).
+        sections: which of overhead, pipeline, scaling, sweep, gpu, features to run (gpu: skipped
+            without CUDA).
         corpus: an embedded-corpus root to run on (default: the tiny embedded corpus, built once
             under cache/bench/embedded/tiny).
         case_names: which section-1 cases (tiny-rewire, tiny-ks, base-rewire, base-ks); all by default.
@@ -240,3 +246,10 @@ def _run(ws: Workspace, results: dict[str, Any], out_dir: Path, o: _Options) -> 
         t = time.perf_counter()
         results["sections"]["gpu"] = gpu.measure(ws, o.quick, o.synth)
         sec["5 gpu"] = time.perf_counter() - t
+
+    if "features" in o.sections:
+        from benchmarks import features
+
+        t = time.perf_counter()
+        results["sections"]["features"] = features.measure(ws, o.quick)
+        sec["6 features"] = time.perf_counter() - t

@@ -2,7 +2,7 @@
 
 `python -m rewiring fit|validate|test|predict --config ...` goes to `RewiringCLI` (LightningCLI,
 subclass mode: the model and data module are picked by `class_path` in the YAML).
-`python -m rewiring prepare|synthesize|isotropy|sweep|compare|bench|convert-whisper ...` go to plain functions
+`python -m rewiring prepare|synthesize|isotropy|features|sweep|compare|bench|convert-whisper ...` go to plain functions
 whose signatures jsonargparse turns into arguments, so there is no hand-written parser anywhere.
 """
 
@@ -42,12 +42,13 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> RewiringCLI:
 
 def _commands() -> dict[str, Callable]:
     # Imported here so `fit` never pays for modules it does not use.
-    from rewiring.commands import bench, compare, convert_whisper, isotropy, prepare, synthesize
+    from rewiring.commands import bench, compare, convert_whisper, features, isotropy, prepare, synthesize
 
     return {
         "prepare": prepare,
         "synthesize": synthesize,
         "isotropy": isotropy,
+        "features": features,
         "compare": compare,
         "bench": bench,
         "convert-whisper": convert_whisper,
@@ -66,6 +67,7 @@ other commands:
   prepare     build manifests: `prepare embedded --out DIR` or `prepare <corpus> --root PATH --out DIR`
   synthesize  TTS one text to a file, or fill the synthesis cache for a manifest
   isotropy    isotropy profile (per layer) of any HF speech encoder on a manifest
+  features    fill the frozen-feature cache of an encoder for manifests (SUPERB runs read it)
   sweep       plan and run baseline vs rewired fine-tuning over splits and seeds
   compare     read run folders and write the comparison report (tables and plots)
   bench       measure throughput, framework overhead and scaling

@@ -9,7 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Literal
 
-# The real corpora and the task file whose `prepare(root, out)` adapter reads each one.
+# The real corpora and the task file whose `prepare(root, out)` adapter reads each one; `folder`
+# (your own audio with sidecar transcripts, or a CSV/TSV table) also takes the task to prepare.
 CORPORA = {
     "librispeech": "tasks.asr",
     "speech_commands": "tasks.ks",
@@ -17,24 +18,31 @@ CORPORA = {
     "voxceleb1": "tasks.sid",
     "librimix": "tasks.sd",
     "snips": "tasks.sf",
+    "folder": "rewiring.corpus.folder",
 }
 
 
 def prepare(
-    corpus: Literal["embedded", "librispeech", "speech_commands", "fluent_speech_commands", "voxceleb1", "librimix", "snips"],
+    corpus: Literal["embedded", "librispeech", "speech_commands", "fluent_speech_commands", "voxceleb1", "librimix", "snips", "folder"],
     out: str | None = None,
     root: str | None = None,
     size: Literal["tiny", "small", "full"] = "small",
     seed: int = 0,
+    task: Literal["asr", "ks", "ic", "sid", "sd", "sf", "unlabelled"] | None = None,
+    segment_seconds: float | None = None,
 ) -> None:
     """Turn a corpus into JSONL manifests under OUT.
 
     Args:
         corpus: `embedded` (synthesised here, offline) or a real corpus read from a local folder.
         out: folder for the manifests (default: data/embedded/<size> for `embedded`, data/real otherwise).
-        root: the real corpus's local folder (not used for `embedded`).
+        root: the real corpus's local folder (not used for `embedded`); for `folder`, a folder of
+            audio with sidecar .txt/.lab transcripts, or a .csv/.tsv table (README: Your own data).
         size: embedded corpus size: tiny (tests), small (the demo), full.
-        seed: embedded corpus seed.
+        seed: embedded corpus seed; for `folder`, the seed of the train/dev/test split.
+        task: for `folder`: the task whose manifests to write (OUT/<task>/<split>.jsonl).
+        segment_seconds: for `folder` (sid, sd, unlabelled): read longer recordings as records of
+            about this length, each with an offset, instead of cutting files.
     """
     if corpus == "embedded":
         from rewiring.corpus import prepare_embedded
@@ -44,7 +52,19 @@ def prepare(
     out = out or "data/real"
     if root is None:
         raise SystemExit(f"prepare {corpus}: --root PATH (the corpus's local folder) is required")
-    summary = importlib.import_module(CORPORA[corpus]).prepare(root=root, out=out)
+    if corpus == "folder":
+        from rewiring.corpus.folder import PrepareError
+
+        if task is None:
+            raise SystemExit("prepare folder: --task T (asr, ks, ic, sid, sd, sf or unlabelled) is required")
+        try:
+            summary = importlib.import_module(CORPORA[corpus]).prepare(
+                root=root, out=out, task=task, segment_seconds=segment_seconds, seed=seed
+            )
+        except PrepareError as e:
+            raise SystemExit(f"prepare folder: {e}") from e
+    else:
+        summary = importlib.import_module(CORPORA[corpus]).prepare(root=root, out=out)
     for split, n in summary.items():
         print(f"{corpus} {split}: {n}")
 
@@ -103,6 +123,58 @@ def isotropy(
     encoder_profile(encoder=encoder, manifest=manifest, layers=chosen, max_items=max_items, out=out)
 
 
+def features(
+    encoder: str = "conf/encoder/tiny.yaml",
+    manifest: list[str] | str | None = None,
+    cache_dir: str = "cache/features",
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16",
+    max_gb: float = 100.0,
+    device: str = "auto",
+    batch_seconds: float | None = None,
+    workers: int = 2,
+) -> None:
+    """Fill the frozen-feature cache of ENCODER for every utterance of MANIFEST, ahead of SUPERB runs
+    (which fill what is missing themselves). Every entry already there is checked in full; a bad one
+    is made again.
+
+    Args:
+        encoder: an encoder config (conf/encoder/*.yaml), an HF folder or a hub name.
+        manifest: one manifest, or a list: '[data/embedded/small/ks/train.jsonl,data/embedded/small/ks/dev.jsonl]'.
+        cache_dir: the cache folder (the task runs' model.init_args.feature_cache).
+        dtype: how hidden states are stored (the runs' feature_cache_dtype).
+        max_gb: refuse when the estimated size is above this.
+        device: auto (a CUDA device when there is one), cpu, cuda, cuda:1, ...
+        batch_seconds: padded audio per encoder batch (default: 400 on a GPU, 60 on the CPU).
+        workers: audio-decoding processes.
+    """
+    import torch
+    import yaml
+
+    from rewiring.encoder import SpeechEncoder
+    from rewiring.features import FeatureCacheError, fill_manifests
+
+    if not manifest:
+        raise SystemExit("features: --manifest PATH (or a list '[a.jsonl,b.jsonl]') is required")
+    if encoder.endswith((".yaml", ".yml")):
+        conf = yaml.safe_load(open(encoder, encoding="utf-8"))
+        init = dict(conf["model"]["init_args"]["encoder"]["init_args"])
+    else:
+        init = {"source": encoder}
+    model = SpeechEncoder(**init)
+    model.configure(layers="weighted", freeze=True)  # as the SUPERB protocol runs it
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        report = fill_manifests(model, [manifest] if isinstance(manifest, str) else manifest, cache_dir=cache_dir,
+                                dtype=dtype, max_gb=max_gb, device=device, batch_seconds=batch_seconds,
+                                num_workers=workers)  # fmt: skip
+    except FeatureCacheError as e:
+        raise SystemExit(f"features: {e}") from e
+    print(f"features: {report.line()}")
+    for source, (code, reason) in list(report.bad.items())[:10]:
+        print(f"  bad audio: {source} ({code}): {reason}")
+
+
 def compare(runs_dir: str, out: str = "reports/latest") -> None:
     """Read the run folders under RUNS_DIR and write report.md and PNG plots into OUT.
 
@@ -117,13 +189,13 @@ def compare(runs_dir: str, out: str = "reports/latest") -> None:
 
 
 def bench(out: str = "benchmarks", quick: bool = False, sections: list[str] | None = None) -> None:
-    """Measure framework overhead, the data pipeline, scaling, sweep overhead and (with CUDA) the GPU step.
+    """Measure framework overhead, the data pipeline, scaling, sweep overhead, (with CUDA) the GPU step and the feature cache.
 
     Args:
         out: folder for results.md and results.json.
         quick: fewer repeats (a smoke run, not for reporting).
-        sections: some of overhead, pipeline, scaling, sweep, gpu (default: all; gpu is skipped
-            without a CUDA device).
+        sections: some of overhead, pipeline, scaling, sweep, gpu, features (default: all; gpu is
+            skipped without a CUDA device).
     """
     from benchmarks.run import SECTIONS, run_benchmarks
 

@@ -36,6 +36,7 @@ def task_cli(tmp_path):
                 f"--data.init_args.root={root}",
                 "--data.init_args.num_workers=0",
                 "--data.init_args.batch_size=2",
+                f"--model.init_args.feature_cache={tmp_path / 'features'}",  # never the repo's cache/
                 *extra,
             ],
             run=run,
