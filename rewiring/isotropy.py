@@ -235,7 +235,7 @@ def _load_heldout(manifest: str | Path, max_items: int, seed: int = 0) -> tuple[
         records = [r for i, r in enumerate(records) if i in keep]
     if not records:
         raise ValueError(f"{manifest}: no utterances to measure isotropy on")
-    return [r.id for r in records], [load_audio(audio_path(manifest, r)) for r in records]
+    return [r.id for r in records], [load_audio(audio_path(manifest, r), record=r) for r in records]
 
 
 def _masked_mean(h: Tensor, frame_mask: Tensor) -> Tensor:

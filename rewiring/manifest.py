@@ -59,6 +59,9 @@ class Record:
     """One utterance. Only id, audio and duration are required; a task reads the fields it needs.
 
     audio: path relative to the manifest file's folder (see `audio_path`).
+    duration: seconds of audio; with `offset`, the length of the segment.
+    offset: where the utterance starts in the file (seconds); None is the whole file. A long
+        recording is used as several records without cutting it into files.
     labels: several named labels (ic: action/object/location; sf: intent).
     segments: [speaker, start, end] in seconds (sd speaker activity, RTTM-like).
     slots: [slot_type, value] in order of appearance in the text (sf).
@@ -69,6 +72,7 @@ class Record:
     id: str
     audio: str
     duration: float
+    offset: float | None = None
     text: str | None = None
     phones: str | None = None
     speaker: str | None = None
@@ -96,6 +100,14 @@ class Record:
         if self.duration < 0:
             raise ValueError(f"negative duration {self.duration}")
         self.duration = float(self.duration)
+        if self.offset is not None:
+            if not _is_number(self.offset):
+                raise ValueError(f"field 'offset' must be a number or null, got {_type_name(self.offset)}")
+            if not math.isfinite(self.offset) or self.offset < 0:
+                raise ValueError(f"field 'offset' must be a finite number >= 0 seconds, got {self.offset}")
+            if self.duration <= 0:
+                raise ValueError(f"a segment (offset {self.offset:g} s) needs a duration > 0, got {self.duration:g}")
+            self.offset = float(self.offset)
         for name in _STR_FIELDS:
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):

@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
-from rewiring.audio import BadAudio, load_or_skip, pad_batch
+from rewiring.audio import BadAudio, Skipped, load_or_skip, pad_batch
 from rewiring.encoder import SpeechEncoder
 from rewiring.manifest import Record, audio_path, read_manifest
 from rewiring.rewire import resolve_manifest
@@ -39,16 +39,17 @@ class CropDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> Tensor | None:
-        wav = load_or_skip(audio_path(self.manifest, self.records[i]), self.on_bad_audio)
-        if wav is not None and wav.shape[-1] > self.crop:
+    def __getitem__(self, i: int) -> Tensor | Skipped:
+        rec = self.records[i]
+        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, record=rec)
+        if isinstance(wav, Tensor) and wav.shape[-1] > self.crop:
             start = int(torch.randint(0, wav.shape[-1] - self.crop + 1, ()).item())
             wav = wav[start : start + self.crop]
         return wav
 
 
-def _collate(items: list[Tensor | None]):
-    good = [w for w in items if w is not None]
+def _collate(items: list[Tensor | Skipped]):
+    good = [w for w in items if isinstance(w, Tensor)]
     return pad_batch(good), len(items) - len(good)
 
 

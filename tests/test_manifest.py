@@ -151,6 +151,18 @@ INVALID = {
     ),
     "slot shape": ('{"id": "x", "audio": "x.wav", "duration": 1.0, "slots": [["a", "b", "c"]]}', "slots[0]"),
     "meta list": ('{"id": "x", "audio": "x.wav", "duration": 1.0, "meta": [1]}', "'meta' must be an object"),
+    "offset string": (
+        '{"id": "x", "audio": "x.wav", "duration": 1.0, "offset": "2"}',
+        "'offset' must be a number or null, got str",
+    ),
+    "negative offset": (
+        '{"id": "x", "audio": "x.wav", "duration": 1.0, "offset": -1}',
+        "'offset' must be a finite number >= 0 seconds, got -1",
+    ),
+    "segment of no length": (
+        '{"id": "x", "audio": "x.wav", "duration": 0, "offset": 3.5}',
+        "a segment (offset 3.5 s) needs a duration > 0, got 0",
+    ),
     "duplicate id": (
         '{"id": "ok", "audio": "other.wav", "duration": 2.0}',
         "duplicate id 'ok' (first on line 1)",
@@ -169,6 +181,22 @@ def test_invalid_line_names_line_and_reason(tmp_path, case):
     assert str(e.value).startswith(f"{p}:3: "), str(e.value)
     assert reason in str(e.value), str(e.value)
     assert isinstance(e.value, ValueError)
+
+
+def test_offset_round_trips_and_names_a_segment(tmp_path):
+    recs = [
+        Record(id="long-0", audio="long.wav", duration=10.0, offset=0, segments=[["a", 0.0, 4.0]]),
+        Record(id="long-1", audio="long.wav", duration=10.0, offset=10, text="more"),
+        Record(id="whole", audio="short.wav", duration=2.0),
+    ]
+    path = tmp_path / "m.jsonl"
+    write_manifest(path, recs)
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert list(lines[1]) == ["id", "audio", "duration", "offset", "text"]
+    assert "offset" not in lines[2]
+    back = read_manifest(path)
+    assert back == recs and back[1].offset == 10.0 and isinstance(back[1].offset, float)
+    assert back[2].offset is None
 
 
 def test_record_construction_validates():
