@@ -14,6 +14,9 @@ The YAML is a `SweepSpec` (below; `--help` lists every field). What the sweep do
    convergence.json, test.json (rewiring.convergence.TestResults) and the fit.log/test.log outputs.
    Baseline runs go first, so that each rewired run's ConvergenceCallback can time itself against
    the baseline at the same task, split, lr and seed (its reference_run).
+   Under the SUPERB protocol the runs share the frozen-feature cache (tasks/features.py): the first
+   run of an arm and task computes the hidden states of its full train, dev and test manifests,
+   every other split, seed and lr reads them (`args: [--model.init_args.feature_cache=null]`: live).
 3. Resume: a run with convergence.json and test.json is complete and skipped. A run whose fit
    started (config.yaml saved) and left a checkpoint is resumed from it: `fit --config
    <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt` (the saved config restores the
@@ -79,8 +82,9 @@ class SweepSpec:
         split_seed: seed of the low-resource subset, the same for every run; null: the run's seed.
         base_config: stacked first by every process.
         task_config: the task's config path, with {task}.
-        configs: more configs stacked after the task (or rewiring stage) config, e.g. a trainer
-            config (conf/trainer/cpu.yaml, conf/trainer/ddp.yaml).
+        configs: more configs stacked after the task config, e.g. a trainer config
+            (conf/trainer/cpu.yaml, conf/trainer/ddp.yaml); {task} is replaced by the run's task, so
+            a per-task preset stacks there too (conf/tasks/superb/{task}.yaml).
         args: more command-line arguments for every fine-tuning fit (the last word).
         task_args: more arguments per task (e.g. {"sd": ["--data.init_args.root=data/real"]}).
         data_root: the data module's root for every task (`--data.init_args.root`), if set.
@@ -350,7 +354,8 @@ def fit_command(spec: SweepSpec, run: Run) -> list[str]:
     return [
         *_python(),
         "fit",
-        *_configs([spec.base_config, spec.encoder, spec.task_config.format(task=run.task), *spec.configs]),
+        *_configs([spec.base_config, spec.encoder, spec.task_config.format(task=run.task),
+                   *(c.replace("{task}", run.task) for c in spec.configs)]),
         *reference,
         f"--seed_everything={run.seed}",
         f"--{spec.lr_arg}={run.lr!r}",

@@ -43,7 +43,8 @@ class SpeechRecognitionData(CTCTaskDataModule):
 class SpeechRecognition(CTCTaskModule):
     """Encoder + SUPERB's ASR head (2-layer BiLSTM, CTC over characters); WER (primary, lower is better) and CER.
 
-    Args: those of `tasks.base.CTCTaskModule` (protocol, optimizer, learning rates, BiLSTM size).
+    Args: those of `tasks.base.CTCTaskModule` (protocol, optimizer, learning rates, BiLSTM size, the
+    projector and SpecAugment of the SUPERB preset, conf/tasks/superb/asr.yaml).
     """
 
     task: ClassVar[str] = "asr"

@@ -143,7 +143,8 @@ class SlotFillingData(CTCTaskDataModule):
 class SlotFilling(CTCTaskModule):
     """Encoder + BiLSTM CTC head over characters and slot tags; slot_type_f1 (primary), slot_value_cer, WER, CER.
 
-    Args: those of `tasks.base.CTCTaskModule` (protocol, optimizer, learning rates, BiLSTM size).
+    Args: those of `tasks.base.CTCTaskModule` (protocol, optimizer, learning rates, BiLSTM size, the
+    projector and SpecAugment of the SUPERB preset, conf/tasks/superb/sf.yaml).
     """
 
     task: ClassVar[str] = "sf"
