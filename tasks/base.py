@@ -38,6 +38,7 @@ import logging
 import math
 import os
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +51,16 @@ from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, ModelChec
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 from torchmetrics import MaxMetric, Metric, MetricCollection, MinMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from rewiring.audio import BadAudio, BucketBatchSampler, load_or_skip, pad_batch
+from rewiring.audio import BadAudio, BucketBatchSampler, Skipped, load_or_skip, pad_batch
 from rewiring.encoder import EncoderOutput, SpeechEncoder
 from rewiring.manifest import Record, audio_path, ids_hash, read_manifest, select_subset
+from tasks.features import FeatureBatch, FeatureCache
+from tasks.rnn import FrameLSTM
+from tasks.specaug import SpecAugment
 
 __all__ = [
     "CTCHead",
@@ -141,18 +145,23 @@ class ManifestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> Item | None:
+    def __getitem__(self, i: int) -> Item | Skipped:
         rec = self.records[i]
         path = audio_path(self.manifest, rec)
         if self.crop_seconds is not None and rec.duration > self.crop_seconds:
             # torch's RNG: seeded by seed_everything, and per worker by the DataLoader.
             offset = float(torch.rand(())) * (rec.duration - self.crop_seconds)
-            wav = load_or_skip(path, self.on_bad_audio, offset=offset, duration=self.crop_seconds)
+            wav = load_or_skip(path, self.on_bad_audio, record=rec, offset=offset, duration=self.crop_seconds)
         else:
-            wav = load_or_skip(path, self.on_bad_audio, max_seconds=self.max_seconds)
-        if wav is None:
-            return None
+            wav = load_or_skip(path, self.on_bad_audio, record=rec, max_seconds=self.max_seconds)
+        if isinstance(wav, Skipped):
+            return wav  # the bad file and its reason code, left out by the collate
         return Item(id=rec.id, wav=wav, target=self.target_fn(rec))
+
+    def crop_target(self, target: Any, offset: float, seconds: float) -> Any:
+        """The target of the window [offset, offset + seconds) of an utterance; the feature cache crops
+        cached frames with it. A per-utterance target (a class, a speaker) stays as it is."""
+        return target
 
 
 @rank_zero_only
@@ -216,6 +225,8 @@ class TaskDataModule(LightningDataModule, ABC):
         self.spec: dict[str, Any] | None = None
         self.records: dict[str, list[Record]] = {}
         self.train_ids_hash: str | None = None
+        # Set by TaskModule.setup under protocol superb: cached hidden states instead of audio.
+        self.features: FeatureCache | None = None
 
     # ------------------------------------------------------------ hooks for the tasks
     @abstractmethod
@@ -229,6 +240,11 @@ class TaskDataModule(LightningDataModule, ABC):
     def collate_targets(self, targets: list[Any]) -> Any:
         """Batch the targets of the loaded items (default: one tensor)."""
         return torch.tensor(targets)
+
+    def sample_weights(self, split: str) -> list[float] | None:
+        """Per-record draw weights of a split's training sampler (drawn with replacement, as s3prl's
+        class-balanced KS loader); None (the default): the bucketed or plain shuffle."""
+        return None
 
     # ------------------------------------------------------------ manifests and split
     def manifest(self, split: str) -> Path:
@@ -319,7 +335,7 @@ class TaskDataModule(LightningDataModule, ABC):
 
     def collate(self, items: list[Item | None]) -> TaskBatch | None:
         """Pad the loaded items; items dropped as bad audio are left out (a batch of none gives None)."""
-        items = [it for it in items if it is not None]
+        items = [it for it in items if it is not None and not isinstance(it, Skipped)]
         if not items:
             return None
         wb = pad_batch([it.wav for it in items])
@@ -332,8 +348,17 @@ class TaskDataModule(LightningDataModule, ABC):
         )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        common = dict(num_workers=self.num_workers, collate_fn=self.collate, persistent_workers=self.num_workers > 0)
-        dataset = self.dataset(split)
+        dataset, collate = self.dataset(split), self.collate
+        if self.features is not None:  # the frozen-feature cache (tasks/features.py); off: these stay live
+            dataset, collate = self.features.wrap(dataset, collate, self.collate_targets)
+        common = dict(num_workers=self.num_workers, collate_fn=collate, persistent_workers=self.num_workers > 0)
+        weights = self.sample_weights(split) if shuffle else None
+        if weights is not None:
+            # One epoch = len(split) draws with replacement; it takes precedence over bucket_by_length.
+            # Seeded from the run's seed; under DDP Lightning wraps it in a DistributedSamplerWrapper.
+            g = torch.Generator().manual_seed(torch.initial_seed() % 2**31)
+            sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=g)
+            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
         if shuffle and self.bucket_by_length:
             # Similar lengths in a batch: padding drops from ~1.3-2x the real audio to ~1.2-1.4x
             # (benchmarks/results.md). The run's seed (seed_everything) drives the shuffle.
@@ -433,29 +458,37 @@ class CTCTargets:
 
 
 class CTCHead(nn.Module):
-    """SUPERB's ASR head: a BiLSTM over frame features, then a linear layer to the tokens (log-probs, fp32)."""
+    """SUPERB's ASR head: a BiLSTM over frame features, then a linear layer to the tokens (log-probs, fp32).
+
+    ``projector_dim`` adds s3prl's frame-wise Linear before the BiLSTM (its ``project_dim``: 1024 in the
+    asr and snips recipes); None feeds the features straight in. ``dropout`` follows every BiLSTM
+    layer, the last one included, as s3prl's RNNLayer does.
+    """
 
     def __init__(
-        self, in_dim: int, vocab_size: int, hidden: int = 256, num_layers: int = 2, dropout: float = 0.2
+        self,
+        in_dim: int,
+        vocab_size: int,
+        hidden: int = 256,
+        num_layers: int = 2,
+        dropout: float = 0.2,
+        projector_dim: int | None = None,
     ) -> None:
         super().__init__()
-        self.lstm = nn.LSTM(
-            in_dim,
-            hidden,
-            num_layers=num_layers,
-            batch_first=True,
-            bidirectional=True,
-            dropout=dropout if num_layers > 1 else 0.0,
+        self.projector = nn.Linear(in_dim, projector_dim) if projector_dim else nn.Identity()
+        in_dim = projector_dim or in_dim
+        # num_layers 0: no recurrence, a frame-wise probe (projector, GELU, linear): the cheapest head.
+        self.lstm = (
+            FrameLSTM(in_dim, hidden, num_layers=num_layers, bidirectional=True, dropout=dropout)
+            if num_layers > 0
+            else None
         )
         self.dropout = nn.Dropout(dropout)
-        self.linear = nn.Linear(2 * hidden, vocab_size)
+        self.linear = nn.Linear(2 * hidden if self.lstm is not None else in_dim, vocab_size)
 
     def forward(self, features: Tensor, frame_lengths: Tensor) -> Tensor:
-        packed = nn.utils.rnn.pack_padded_sequence(
-            features, frame_lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
-        )
-        out, _ = self.lstm(packed)
-        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=features.shape[1])
+        out = self.projector(features)
+        out = self.lstm(out, frame_lengths) if self.lstm is not None else F.gelu(out)
         logits = self.linear(self.dropout(out))
         return F.log_softmax(logits.float(), dim=-1)
 
@@ -542,6 +575,11 @@ class TaskModule(LightningModule, ABC):
             default they are left out when the encoder comes from a folder or a hub name (it can be
             rebuilt from there; a fingerprint checks it on load): a wav2vec2-base checkpoint is then
             0.1 MB, not 378 MB. A config-dict encoder (random weights) is always copied.
+        feature_cache: superb only: the folder of the frozen-feature cache (tasks/features.py), which
+            computes every hidden state of each utterance once and reads it from disk in every run;
+            null encodes live at every step. finetune always encodes live.
+        feature_cache_max_gb: above this estimated size of the task's entries the run encodes live.
+        feature_cache_dtype: how the cached hidden states are stored.
     """
 
     task: ClassVar[str] = ""
@@ -558,6 +596,9 @@ class TaskModule(LightningModule, ABC):
         freeze_encoder_steps: int = 0,
         early_stopping_patience: int | None = None,
         save_frozen_encoder: bool = False,
+        feature_cache: str | None = "cache/features",
+        feature_cache_max_gb: float = 100.0,
+        feature_cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16",
     ) -> None:
         super().__init__()
         if protocol not in ("superb", "finetune"):
@@ -566,7 +607,7 @@ class TaskModule(LightningModule, ABC):
             raise ValueError(f"freeze_encoder_steps must be >= 0, got {freeze_encoder_steps}")
         if freeze_encoder_steps and protocol != "finetune":
             raise ValueError("freeze_encoder_steps applies to protocol 'finetune' (superb keeps it frozen)")
-        self.save_hyperparameters(ignore=["encoder", "optimizer"])
+        self.save_hyperparameters(ignore=["encoder", "optimizer", "specaug"])
         self.encoder = encoder
         self.protocol = protocol
         self.optimizer = optimizer
@@ -575,6 +616,9 @@ class TaskModule(LightningModule, ABC):
         self.freeze_encoder_steps = freeze_encoder_steps
         self.early_stopping_patience = early_stopping_patience
         self.save_frozen_encoder = save_frozen_encoder
+        self.feature_cache = feature_cache
+        self.feature_cache_max_gb = feature_cache_max_gb
+        self.feature_cache_dtype = feature_cache_dtype
         self._encoder_fingerprint: str | None = None
         if protocol == "superb":
             encoder.configure(layers="weighted", freeze=True)
@@ -602,7 +646,9 @@ class TaskModule(LightningModule, ABC):
         """Forward, loss, metric updates (``self.metrics(stage)``, None for train); returns the loss."""
 
     # ------------------------------------------------------------ helpers for the tasks
-    def encode(self, batch: TaskBatch) -> EncoderOutput:
+    def encode(self, batch: TaskBatch | FeatureBatch) -> EncoderOutput:
+        if isinstance(batch, FeatureBatch):  # hidden states from the frozen-feature cache
+            return self.encoder.combine(batch.hidden_states(self.encoder.layer_weights.dtype), batch.frame_mask)
         return self.encoder(batch.waveforms, batch.attention_mask)
 
     def metrics(self, stage: Stage) -> MetricCollection | None:
@@ -640,6 +686,9 @@ class TaskModule(LightningModule, ABC):
             self.install_spec(datamodule.spec)
         elif self.spec != datamodule.spec:
             raise ValueError(self._spec_mismatch(self.spec, datamodule.spec, "this model", "the data module"))
+        if isinstance(datamodule, TaskDataModule):  # opened when the first loader is built, after a checkpoint
+            cached = self.protocol == "superb" and self.feature_cache is not None
+            datamodule.features = FeatureCache(self, datamodule) if cached else None
 
     @staticmethod
     def _spec_mismatch(a: dict, b: dict, name_a: str, name_b: str) -> str:
@@ -838,7 +887,9 @@ class CTCTaskModule(TaskModule):
     ``decode`` counts empty hypotheses; a validation epoch where every hypothesis is empty warns that
     the model predicts only blanks, and ``<stage>/blank_rate`` is logged.
 
-    Args (besides TaskModule's): lstm_hidden, lstm_layers, dropout of the BiLSTM head.
+    Args (besides TaskModule's): lstm_hidden, lstm_layers, dropout of the BiLSTM head; projector_dim
+    (s3prl's Linear before the BiLSTM; None: none); specaug (`tasks.specaug.SpecAugment` over the
+    features as they enter the head, training only, as s3prl's asr and snips recipes; None: none).
     """
 
     def __init__(
@@ -847,6 +898,8 @@ class CTCTaskModule(TaskModule):
         lstm_hidden: int = 256,
         lstm_layers: int = 2,
         dropout: float = 0.2,
+        projector_dim: int | None = None,
+        specaug: SpecAugment | None = None,
         **kwargs: Any,
     ) -> None:
         # TaskModule's arguments pass through **kwargs; jsonargparse reads them from super().__init__.
@@ -854,6 +907,8 @@ class CTCTaskModule(TaskModule):
         self.lstm_hidden = lstm_hidden
         self.lstm_layers = lstm_layers
         self.dropout = dropout
+        self.projector_dim = projector_dim
+        self.specaug = specaug
         self._decoded = {"val": [0, 0], "test": [0, 0]}  # [empty, total] this epoch
 
     def build_head(self, spec: dict[str, Any]) -> None:
@@ -864,13 +919,17 @@ class CTCTaskModule(TaskModule):
             hidden=self.lstm_hidden,
             num_layers=self.lstm_layers,
             dropout=self.dropout,
+            projector_dim=self.projector_dim,
         )
 
     def ctc_forward(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Log-probabilities [B, F, V] (fp32) and the real frame count of each row."""
         out = self.encode(batch)
         frame_lengths = out.frame_mask.sum(1)
-        return self.head(out.features, frame_lengths), frame_lengths
+        features = out.features
+        if self.specaug is not None:  # after encode: the same masks on live and cached features
+            features = self.specaug(features, out.frame_mask)
+        return self.head(features, frame_lengths), frame_lengths
 
     def ctc_loss(self, log_probs: Tensor, frame_lengths: Tensor, targets: CTCTargets) -> Tensor:
         return ctc_loss(log_probs, frame_lengths, targets)
@@ -914,9 +973,26 @@ class ClassificationDataModule(TaskDataModule):
     """One label per utterance, read from the Record field ``label_field`` ("label"; sid: "speaker").
 
     The classes are the sorted label values of the whole train manifest (spec ``{"classes": [...]}``).
+
+    Args (besides TaskDataModule's): class_balanced: draw training utterances with replacement,
+    weighted by the inverse frequency of their class in the (low-resource) train split, so every
+    class comes up equally often, as s3prl's KS loader does (a WeightedRandomSampler; it replaces
+    bucket_by_length). False: the bucketed or plain shuffle.
     """
 
     label_field: ClassVar[str] = "label"
+
+    def __init__(self, class_balanced: bool = False, **kwargs: Any) -> None:
+        # TaskDataModule's arguments pass through **kwargs; jsonargparse reads them from super().__init__.
+        super().__init__(**kwargs)
+        self.class_balanced = class_balanced
+
+    def sample_weights(self, split: str) -> list[float] | None:
+        if not self.class_balanced:
+            return None
+        labels = [self._label(r) for r in self.records[split]]
+        counts = Counter(labels)
+        return [len(labels) / counts[label] for label in labels]
 
     def _label(self, record: Record) -> str:
         value = getattr(record, self.label_field)

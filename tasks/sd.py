@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from rewiring.audio import SAMPLE_RATE, load_or_skip
+from rewiring.audio import SAMPLE_RATE, Skipped, load_or_skip
 from rewiring.encoder import SpeechEncoder
 from rewiring.manifest import Record, audio_path, write_manifest
 from tasks.base import (
@@ -35,6 +35,7 @@ from tasks.base import (
     relative_audio,
 )
 from tasks.metrics import DiarizationErrorRate, pit_bce
+from tasks.rnn import FrameLSTM
 
 __all__ = ["SpeakerDiarization", "SpeakerDiarizationData", "frame_activity", "prepare"]
 
@@ -65,21 +66,27 @@ def _speaker_columns(record: Record, num_speakers: int) -> list[list[float]]:
 class _CroppedSegments(ManifestDataset):
     """Training reads recordings longer than ``crop_seconds`` as one random window; turns move with it."""
 
-    def __getitem__(self, i: int) -> Item | None:
+    def __getitem__(self, i: int) -> Item | Skipped:
         rec = self.records[i]
         crop = self.crop_seconds
         if crop is None or rec.duration <= crop:
             return super().__getitem__(i)
         offset = float(torch.rand(())) * (rec.duration - crop)
-        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, offset=offset, duration=crop)
-        if wav is None:
-            return None
+        # offset is within the record's segment (a record may itself be a segment of a long recording)
+        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, record=rec, offset=offset, duration=crop)
+        if isinstance(wav, Skipped):
+            return wav
+        return Item(id=rec.id, wav=wav, target=self.crop_target(self.target_fn(rec), offset, crop))
+
+    def crop_target(self, target: list, offset: float, seconds: float) -> list:
+        """The turns inside the window [offset, offset + seconds), shifted to start at it (a cached
+        crop of the feature cache moves its turns with the same method)."""
         turns = []
-        for col, start, end in self.target_fn(rec):
-            s, e = max(start - offset, 0.0), min(end - offset, crop)
+        for col, start, end in target:
+            s, e = max(start - offset, 0.0), min(end - offset, seconds)
             if e > s:
                 turns.append([col, s, e])
-        return Item(id=rec.id, wav=wav, target=turns)
+        return turns
 
 
 class SpeakerDiarizationData(TaskDataModule):
@@ -183,9 +190,7 @@ class SpeakerDiarization(TaskModule):
 
     def build_head(self, spec: dict[str, Any]) -> None:
         self.num_speakers = int(spec["num_speakers"])
-        self.rnn = nn.LSTM(
-            self.encoder.hidden_size, self.lstm_hidden, num_layers=self.lstm_layers, batch_first=True
-        )
+        self.rnn = FrameLSTM(self.encoder.hidden_size, self.lstm_hidden, num_layers=self.lstm_layers, bidirectional=False)
         self.linear = nn.Linear(self.lstm_hidden, self.num_speakers)
 
     def build_metrics(self) -> dict[str, Metric]:
@@ -199,14 +204,7 @@ class SpeakerDiarization(TaskModule):
     def logits(self, batch: TaskBatch) -> tuple[Tensor, Tensor]:
         """Per-frame speaker logits [B, F, K] (fp32) and the frame mask [B, F]."""
         out = self.encode(batch)
-        lengths = out.frame_mask.sum(1).clamp(min=1).cpu()
-        packed = nn.utils.rnn.pack_padded_sequence(
-            out.features, lengths, batch_first=True, enforce_sorted=False
-        )
-        hidden, _ = self.rnn(packed)
-        hidden, _ = nn.utils.rnn.pad_packed_sequence(
-            hidden, batch_first=True, total_length=out.features.shape[1]
-        )
+        hidden = self.rnn(out.features, out.frame_mask.sum(1))
         return self.linear(hidden).float(), out.frame_mask
 
     def step(self, batch: TaskBatch, stage: Stage) -> Tensor:
