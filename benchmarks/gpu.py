@@ -95,7 +95,7 @@ def measure(
         try:
             cli = _cli(case.cli_args(ws)[1:], run=False)
             cli.datamodule.setup("fit")
-            ref = describe(preload(cli.datamodule, case))
+            ref = describe(preload(cli.datamodule, case, cli.model))
             del cli
             if accelerator == "gpu":
                 torch.cuda.reset_peak_memory_stats()

@@ -177,10 +177,12 @@ def _init_hparams(model) -> dict[str, Any]:
     return keep
 
 
-def preload(dm, case: Case) -> list:
+def preload(dm, case: Case, model) -> list:
     """The first warm-up + steps usable training batches of a set-up data module, in the order a
     Lightning run with the same sampler seed sees them (loaded on the main process, untimed)."""
     dm.num_workers = 0
+    if hasattr(dm, "set_frame_layout"):  # what the model's setup does in a fit: masks need the frame count
+        dm.set_frame_layout(model.encoder.frame_layout)
     total = case.warmup + case.steps
     batches: list = []
     while len(batches) < total:
@@ -230,7 +232,7 @@ class BareLoop:
         self.optimizer = self.model.configure_optimizers()
         self.build_s = time.perf_counter() - t0
 
-        self.batches = preload(dm, case)
+        self.batches = preload(dm, case, template)
         self.loss_fn = _loss_fn(self.model, case.stage)
         self.described = describe(self.batches)
         self.reset()

@@ -13,7 +13,6 @@ from benchmarks.common import Workspace, log, make_synth, summarize
 from rewiring.encoder import TINY_CONFIG, config_frame_layout
 from rewiring.synthesis.coqui import random_vits
 
-
 TINY_LAYOUT = config_frame_layout(TINY_CONFIG)
 
 
@@ -47,7 +46,7 @@ def loader_rate(
         bucket_by_length=True,
     )
     dm.setup("fit")
-    dm.collate.layout = TINY_LAYOUT  # RewiringModule.setup hands the encoder's layout over in a fit
+    dm.set_frame_layout(TINY_LAYOUT)  # RewiringModule.setup hands the encoder's layout over in a fit
     loader = dm.train_dataloader()
     t0 = time.perf_counter()
     iterator = iter(loader)
@@ -99,7 +98,7 @@ def padding(ws: Workspace, backend: str, bucket: bool, n_batches: int, batch_siz
         bucket_by_length=bucket,
     )
     dm.setup("fit")
-    dm.collate.layout = TINY_LAYOUT
+    dm.set_frame_layout(TINY_LAYOUT)
     padded = {"view1": 0, "view2": 0}
     real = {"view1": 0, "view2": 0}
     for k, batch in enumerate(dm.train_dataloader()):

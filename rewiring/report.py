@@ -329,6 +329,55 @@ def load_isotropy(arms: dict[str, str | None], baseline: str = BASELINE) -> dict
 
 
 # ---------------------------------------------------------------------------- plots
+def rewiring_section(encoders: dict[str, str | None], baseline: str) -> list[str]:
+    """What each rewired arm's contrastive stage learned (rewiring.json) and, for Whisper, how well
+    its kept decoder still transcribes (transcription.json), as report lines."""
+    rows, wers, window = [], [], 10
+    for arm, enc in encoders.items():
+        folder = Path(enc) if arm != baseline and isinstance(enc, str) and enc else None
+        if folder is None:
+            continue
+        if (folder / "rewiring.json").is_file():
+            r = read_json(folder / "rewiring.json")
+            if r.get("steps"):
+                window = r.get("window", window)
+                rows.append(
+                    f"| {arm} | {r['steps']} | {r['pairs_per_step']} | {_num(r['match_acc_chance'])} | "
+                    f"{_num(r['match_acc_first'])} → {_num(r['match_acc_last'])} | "
+                    f"{_num(r['loss_first'])} → {_num(r['loss_last'])} |"
+                )
+        if (folder / "transcription.json").is_file():
+            t = read_json(folder / "transcription.json")["models"]
+            n = len(t["after"]["transcripts"])
+            wers.append(f"| {arm} | {_num(t['before']['wer'])} | {_num(t['after']['wer'])} | {n} |")
+    lines = []
+    if rows:
+        lines += [
+            "## What the rewiring stage learned",
+            "",
+            f"In-batch matching of each view to its partner, mean of the first and of the last {window} steps, "
+            "against chance (1 / (2n - 1) with n pairs per step).",
+            "",
+            "| arm | steps | pairs per step | chance | match accuracy (first → last) | loss (first → last) |",
+            "|---|---|---|---|---|---|",
+            *rows,
+            "",
+        ]
+    if wers:
+        lines += [
+            "## Transcription by the kept decoder",
+            "",
+            "Greedy transcription of piper sentences by the source Whisper (before) and by the same decoder "
+            "on the rewired encoder (after); corpus WER after Whisper's English normaliser.",
+            "",
+            "| arm | WER before | WER after | sentences |",
+            "|---|---|---|---|",
+            *wers,
+            "",
+        ]
+    return lines
+
+
 def _plt():
     import matplotlib
 
@@ -595,6 +644,7 @@ def write_report(runs_dir: str | Path, out: str | Path) -> Path:
         lines += ["![isotropy](isotropy.png)", ""]
     else:
         lines += ["No isotropy.json in the arms' encoder folders.", ""]
+    lines += rewiring_section(encoders, baseline)
     report = out / "report.md"
     report.write_text("\n".join(lines))
     return report

@@ -28,8 +28,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rewiring.audio import BadAudio, BucketBatchSampler, load_or_skip, pad_batch
+from rewiring.audio import BadAudio, BucketBatchSampler, Skipped, load_or_skip, pad_batch
 from rewiring.encoder import FrameLayout, SpeechEncoder, masked_mean
+from rewiring.files import write_json_atomic
 from rewiring.manifest import Record, audio_path, read_manifest
 from rewiring.masking import span_mask, time_masks
 from rewiring.synthesis import SynthesisCache, SynthesisError, Synthesizer
@@ -126,9 +127,9 @@ class PairDataset(Dataset):
         if kind == "neutral" and not rec.text:
             log.warning("no text to synthesise for %s (%s): skipped", rec.id, self.manifest)
             return (None, "no_text")
-        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio)
-        if wav is None:
-            return (None, "bad_audio")
+        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, record=rec)
+        if isinstance(wav, Skipped):
+            return (None, wav.code)  # counted per reason: too_short, not_found, ...
         wav = self._part(wav, k, parts)
         if kind == "twin":
             other = span_mask(wav, self.span_share)
@@ -294,6 +295,10 @@ class RewiringDataModule(LightningDataModule):
         self.dataset: PairDataset | None = None
         self.skipped_long = 0
 
+    def set_frame_layout(self, layout: FrameLayout) -> None:
+        """The encoder's frame arithmetic, for the time masks (RewiringModule.setup calls this in a fit)."""
+        self.collate.layout = layout
+
     def _records(self) -> tuple[Path, list[Record]]:
         """The manifest's records, less those over max_seconds (counted and logged)."""
         path = resolve_manifest(self.manifest)
@@ -383,6 +388,30 @@ def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]
     return loss, acc
 
 
+def learning_summary(history: list[tuple[int, float, float, int]], skipped: dict, window: int = 10) -> dict:
+    """Did the contrastive task learn? Loss and in-batch match accuracy over the first and the last
+    `window` steps, against chance (1 / (2n - 1): each view picks its partner among 2n - 1 others)."""
+    if not history:
+        return {"steps": 0, "skipped": skipped}
+    first, last = history[:window], history[-window:]
+    pairs = max(h[3] for h in history)
+
+    def mean(rows: list, k: int) -> float:
+        return round(sum(r[k] for r in rows) / len(rows), 4)
+
+    return {
+        "steps": len(history),
+        "pairs_per_step": pairs,
+        "match_acc_chance": round(1.0 / (2 * pairs - 1), 4),
+        "match_acc_first": mean(first, 2),
+        "match_acc_last": mean(last, 2),
+        "loss_first": mean(first, 1),
+        "loss_last": mean(last, 1),
+        "window": window,
+        "skipped": skipped,
+    }
+
+
 class RewiringModule(LightningModule):
     """Encode both views with the one shared encoder, pool, and optimise NT-Xent over the batch.
 
@@ -397,6 +426,9 @@ class RewiringModule(LightningModule):
         isotropy_manifest: held-out utterances whose isotropy is measured before and after
             (written to `<export_dir>/isotropy.json`) and logged during training; None to skip.
         isotropy_every_n_steps: how often the IsotropyCallback logs `isotropy/*` on that set.
+        transcription_check: for a Whisper encoder from a folder or hub name, have the source's decoder
+            transcribe piper sentences through the source and the rewired encoder at the end
+            (`<export_dir>/transcription.json`, ~10 s for tiny.en): what rewiring costs the decoder.
     """
 
     def __init__(
@@ -409,6 +441,7 @@ class RewiringModule(LightningModule):
         export_dir: str | None = None,
         isotropy_manifest: str | None = None,
         isotropy_every_n_steps: int = 50,
+        transcription_check: bool = True,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -421,12 +454,15 @@ class RewiringModule(LightningModule):
         self.export_dir = export_dir
         self.isotropy_manifest = isotropy_manifest
         self.isotropy_every_n_steps = isotropy_every_n_steps
+        self.transcription_check = transcription_check
         self.projection = None
         if projection_dim is not None:
             d = encoder.hidden_size
             self.projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, projection_dim))
         self.skipped: Counter = Counter()
         self._isotropy_before: dict | None = None
+        # (step, loss, match accuracy, pairs) per training step on rank 0: rewiring.json's learning summary.
+        self._history: list[tuple[int, float, float, int]] = []
 
     def embed(self, view: dict) -> Tensor:
         """Pooled utterance vectors: the chosen hidden states averaged, then the mean over valid frames."""
@@ -450,9 +486,8 @@ class RewiringModule(LightningModule):
     def setup(self, stage: str) -> None:
         """Hand the encoder's frame layout to the pair collate (before Lightning builds the loaders)."""
         dm = self.trainer.datamodule if self.trainer is not None else None
-        collate = getattr(dm, "collate", None)
-        if isinstance(collate, PairCollate):
-            collate.layout = self.encoder.frame_layout
+        if isinstance(dm, RewiringDataModule):
+            dm.set_frame_layout(self.encoder.frame_layout)
 
     def on_fit_start(self) -> None:
         if self.isotropy_manifest and self.trainer.is_global_zero:
@@ -470,6 +505,7 @@ class RewiringModule(LightningModule):
         loss, acc = nt_xent(z1, z2, self.temperature)
         self.log("train/loss", loss, prog_bar=True, batch_size=z1.shape[0])
         self.log("train/match_acc", acc, prog_bar=True, batch_size=z1.shape[0])
+        self._history.append((self.global_step, float(loss.detach()), float(acc), int(z1.shape[0])))
         self.log("train/neutral_share", batch["n_neutral"] / batch["size"], batch_size=z1.shape[0])
         # Pairs in the contrastive batch: the global batch under DDP (each anchor has 2n-2 negatives).
         self.log("train/contrast_pairs", float(z1.shape[0]), batch_size=z1.shape[0])
@@ -502,5 +538,15 @@ class RewiringModule(LightningModule):
         if self.isotropy_manifest:
             report = {"before": self._isotropy_before, "after": self._isotropy(), "skipped": dict(self.skipped)}
             (out / "isotropy.json").write_text(json.dumps(report, indent=2))
+        write_json_atomic(out / "rewiring.json", learning_summary(self._history, dict(self.skipped)))
+        if self.transcription_check and self.encoder.family == "whisper" and isinstance(self.encoder.source, str):
+            # The kept decoder, unchanged, reads the rewired encoder: how much of its transcription survives.
+            from rewiring.whisper import transcription_report
+
+            tts_cache = getattr(self.trainer.datamodule, "cache_dir", None)
+            report = transcription_report({"before": self.encoder.source, "after": out}, cache_dir=tts_cache)
+            write_json_atomic(out / "transcription.json", report)
+            wer = {k: v["wer"] for k, v in report["models"].items()}
+            log.info("transcription WER of piper sentences: before %.3f, after %.3f", wer["before"], wer["after"])
         log.info("rewired encoder exported to %s", out)
         print(f"rewired encoder exported to {out}")

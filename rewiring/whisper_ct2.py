@@ -42,11 +42,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from rewiring.whisper import CHECK_SENTENCES, piper_waves, transcribe, word_error_rate
+
 if TYPE_CHECKING:
     from transformers import GenerationConfig, WhisperConfig, WhisperTokenizer
 
 __all__ = [
-    "CHECK_SENTENCES",
     "CT2_BINARY_VERSION",
     "Conversion",
     "Ct2Error",
@@ -59,7 +60,6 @@ __all__ = [
     "hf_weights",
     "read_ct2",
     "self_check",
-    "transcribe",
     "wheel_model_dir",
 ]
 
@@ -94,16 +94,6 @@ _FIXED_SCALARS = {
 # Scalars with no HF counterpart (alignment heads come from config.json instead).
 _IGNORED_SCALARS = ("decoder/alignment_heads", "decoder/alignment_layer")
 
-# Said by the piper voice and transcribed by the converted model; plain words, no digits, so the
-# WER measures the model, not a text normaliser.
-CHECK_SENTENCES = (
-    "The weather is cold and windy today.",
-    "Please turn on the lights in the kitchen.",
-    "We will meet at the station tomorrow morning.",
-    "My brother bought a new car last week.",
-    "Open the window and let the fresh air in.",
-    "She reads a book every night before bed.",
-)
 MAX_WER = 0.10
 
 
@@ -512,55 +502,6 @@ def _sha256(path: Path) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def transcribe(folder: str | Path, waves: Sequence[np.ndarray]) -> list[str]:
-    """Greedy English transcription of 16 kHz waveforms with the HF folder, through plain
-    transformers (`WhisperProcessor`, `WhisperForConditionalGeneration.generate`), so the check
-    exercises exactly what a user of the folder gets."""
-    import torch
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-    processor = WhisperProcessor.from_pretrained(folder)
-    model = WhisperForConditionalGeneration.from_pretrained(folder).eval()
-    features = processor(
-        list(waves),
-        sampling_rate=processor.feature_extractor.sampling_rate,
-        return_tensors="pt",
-        return_attention_mask=True,
-    )
-    with torch.inference_mode():
-        ids = model.generate(
-            features.input_features, attention_mask=features.attention_mask, num_beams=1, do_sample=False
-        )
-    return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
-
-
-def _piper_waves(sentences: Sequence[str]) -> list[np.ndarray]:
-    """The project's piper voice saying `sentences`, resampled to 16 kHz."""
-    import torch
-    import torchaudio.functional as AF
-
-    from rewiring.audio import SAMPLE_RATE
-    from rewiring.synthesis import PiperSynthesizer
-
-    synth = PiperSynthesizer()
-    waves = []
-    for wav, sr in synth.synthesize_many(list(sentences)):
-        t = torch.from_numpy(wav)
-        if sr != SAMPLE_RATE:
-            t = AF.resample(t, orig_freq=sr, new_freq=SAMPLE_RATE)
-        waves.append(t.numpy())
-    return waves
-
-
-def word_error_rate(hypotheses: Sequence[str], references: Sequence[str]) -> float:
-    """Corpus WER (torchmetrics) after Whisper's English normaliser (case, punctuation, spelling)."""
-    from torchmetrics.functional.text import word_error_rate as wer
-    from transformers.models.whisper.english_normalizer import EnglishTextNormalizer
-
-    normalise = EnglishTextNormalizer({})
-    return float(wer([normalise(h) for h in hypotheses], [normalise(r) for r in references]))
-
-
 def self_check(
     folder: str | Path,
     weights: HFWeights,
@@ -591,7 +532,7 @@ def self_check(
         return report
     del model
     start = time.perf_counter()
-    hypotheses = transcribe(folder, _piper_waves(sentences))
+    hypotheses = transcribe(folder, piper_waves(sentences))
     wer = word_error_rate(hypotheses, sentences)
     report.update(
         wer=round(wer, 4),

@@ -169,3 +169,21 @@ def test_isotropy_formats():
     }
     scal, ser = isotropy_metrics(prof)
     assert scal == {"average/frames/isoscore": 0.2} and ser == {"frames/isoscore": [0.1, 0.3]}
+
+
+def test_rewiring_section_reads_what_each_export_learned(tmp_path):
+    import json
+
+    from rewiring.report import rewiring_section
+
+    enc = tmp_path / "neutral"
+    enc.mkdir()
+    (enc / "rewiring.json").write_text(json.dumps({
+        "steps": 100, "pairs_per_step": 8, "match_acc_chance": 0.0667, "match_acc_first": 0.09,
+        "match_acc_last": 0.41, "loss_first": 2.7, "loss_last": 2.5, "window": 10}))  # fmt: skip
+    (enc / "transcription.json").write_text(json.dumps({"models": {
+        "before": {"wer": 0.045, "transcripts": [{}] * 14}, "after": {"wer": 0.06, "transcripts": [{}] * 14}}}))  # fmt: skip
+    text = "\n".join(rewiring_section({"baseline": "data/encoders/whisper-tiny.en", "neutral": str(enc)}, "baseline"))
+    assert "| neutral | 100 | 8 | 0.0667 | 0.09 → 0.41 | 2.7 → 2.5 |" in text
+    assert "| neutral | 0.045 | 0.06 | 14 |" in text
+    assert rewiring_section({"baseline": None}, "baseline") == []

@@ -84,7 +84,7 @@ def test_neutral_pairs_come_from_the_cache_and_skips_are_counted(unlabelled, tmp
     assert dm.dataset.cache.hits == 1
     # the TTS view is a different waveform, not the utterance itself
     assert good[0]["view1"].shape != good[0]["view2"].shape or not torch.equal(good[0]["view1"], good[0]["view2"])
-    dm.collate.layout = SpeechEncoder(TINY_CONFIG).frame_layout  # RewiringModule.setup does this in a fit
+    dm.set_frame_layout(SpeechEncoder(TINY_CONFIG).frame_layout)  # RewiringModule.setup does this in a fit
     batch = dm.collate(items[:4] + items[-2:])
     assert batch["skipped"] == {"no_text": 1, "unsayable": 1}
     assert batch["size"] == 4
@@ -288,3 +288,13 @@ def test_short_run_learns_and_exports(unlabelled, tmp_path):
         assert torch.allclose(ours(x).features, hf(ours._prepare(x, None)[0]).last_hidden_state, atol=1e-5)
     iso = __import__("json").loads((export / "isotropy.json").read_text())
     assert set(iso) >= {"before", "after"}
+
+
+def test_learning_summary_against_chance():
+    from rewiring.rewire import learning_summary
+
+    history = [(i, 2.0 - i / 100, 0.1 if i < 10 else 0.5, 8) for i in range(40)]
+    s = learning_summary(history, {"too_long": 1})
+    assert s["steps"] == 40 and s["match_acc_chance"] == round(1 / 15, 4)
+    assert s["match_acc_first"] == 0.1 and s["match_acc_last"] == 0.5 and s["loss_last"] < s["loss_first"]
+    assert learning_summary([], {}) == {"steps": 0, "skipped": {}}

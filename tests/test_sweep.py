@@ -413,8 +413,11 @@ def test_paper_rewiring_runs_in_fp32_unless_asked_for_bf16(monkeypatch):
 
 def test_demo_spec_is_valid():
     spec = sw.spec_from_config(sw.build_parser().parse_args(["--config", str(REPO / "conf/sweep/demo.yaml")]))
-    assert set(spec.tasks) == set(sw.ALL_TASKS) and "baseline" in spec.arms and "neutral" in spec.arms
-    assert len(spec.splits) >= 2 and len(spec.seeds) == 2 and len(spec.lrs) == 1
+    assert set(spec.tasks) == set(sw.ALL_TASKS) and {"baseline", "twin", "neutral"} <= set(spec.arms)
+    assert len(spec.splits) >= 2 and len(spec.seeds) >= 3 and len(spec.lrs) == 1
+    assert spec.encoder == "conf/encoder/whisper-tiny.en.yaml"  # a genuinely pre-trained baseline
+    tiny = sw.spec_from_config(sw.build_parser().parse_args(["--config", str(REPO / "conf/sweep/demo-tiny.yaml")]))
+    assert tiny.encoder == "conf/encoder/tiny.yaml" and tiny.name == "demo-tiny"
 
 
 # ---------------------------------------------------------------------------- real processes (slow)
@@ -610,9 +613,11 @@ def test_real_task_sweep(tiny_corpus, tmp_path, capsys):
             "--data.init_args.batch_size=4",
             "--trainer.limit_val_batches=2",
             "--trainer.limit_test_batches=2",
+            f"--model.init_args.feature_cache={tmp_path / 'features'}",
         ],
     )
     assert sw.run_sweep([*args, "--report", "false"]) == 0, capsys.readouterr().out
+    assert list((tmp_path / "features").rglob("*.safetensors"))  # the fit filled the cache, the test read it
     run = tmp_path / "runs" / "t" / "ks" / "50pct" / "baseline" / "lr0.001" / "seed0"
     conv = json.loads((run / "convergence.json").read_text())
     assert conv["metric"] == "val/acc" and conv["curve"]["steps"] == [2, 4]

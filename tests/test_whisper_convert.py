@@ -20,7 +20,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
-from rewiring import whisper_ct2
+from rewiring import whisper, whisper_ct2
 from rewiring.cli import main
 from rewiring.whisper_ct2 import (
     Ct2Error,
@@ -494,6 +494,6 @@ def test_real_wheel_converts_and_transcribes_piper(tmp_path):
     )
     assert (cfg.num_mel_bins, cfg.vocab_size, model.generation_config.is_multilingual) == (80, 51864, False)
     # An independent transcription through the public helpers, on the folder as published.
-    sentences = whisper_ct2.CHECK_SENTENCES[:2]
-    hypotheses = whisper_ct2.transcribe(done.out, whisper_ct2._piper_waves(sentences))
-    assert whisper_ct2.word_error_rate(hypotheses, sentences) <= whisper_ct2.MAX_WER
+    sentences = whisper.CHECK_SENTENCES[:2]
+    hypotheses = whisper.transcribe(done.out, whisper.piper_waves(sentences))
+    assert whisper.word_error_rate(hypotheses, sentences) <= whisper_ct2.MAX_WER

