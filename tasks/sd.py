@@ -25,6 +25,7 @@ from torchmetrics import Metric
 from rewiring.audio import SAMPLE_RATE, Skipped, load_or_skip
 from rewiring.encoder import SpeechEncoder
 from rewiring.manifest import Record, audio_path, write_manifest
+from rewiring.rttm import read_rttm
 from tasks.base import (
     Item,
     ManifestDataset,
@@ -290,28 +291,6 @@ def _read_reco2dur(path: Path) -> dict[str, float]:
     return durs
 
 
-def _read_rttm(path: Path) -> dict[str, list[list]]:
-    """RTTM speaker turns: `SPEAKER <rec> <chan> <tbeg> <tdur> <NA> <NA> <speaker> <NA> [<NA>]`."""
-    turns: dict[str, list[list]] = {}
-    for lineno, fields in _read_table(path, "rttm"):
-        if len(fields) not in (9, 10) or fields[0] != "SPEAKER":
-            raise ValueError(
-                f"{path}:{lineno}: expected an RTTM SPEAKER line "
-                f"'SPEAKER <rec> <chan> <tbeg> <tdur> <NA> <NA> <speaker> <NA>', got {' '.join(fields)[:80]!r}"
-            )
-        rec, spk = fields[1], fields[7]
-        try:
-            start, dur = float(fields[3]), float(fields[4])
-        except ValueError:
-            raise ValueError(
-                f"{path}:{lineno}: tbeg and tdur must be numbers, got {fields[3]!r} {fields[4]!r}"
-            ) from None
-        if start < 0 or dur < 0:
-            raise ValueError(f"{path}:{lineno}: negative time (tbeg {start}, tdur {dur})")
-        turns.setdefault(rec, []).append([spk, round(start, 4), round(start + dur, 4)])
-    return turns
-
-
 def prepare(root: str | Path, out: str | Path, num_speakers: int = 2) -> dict[str, int]:
     """Read SUPERB SD's LibriMix data folders and write {out}/sd/{train,dev,test}.jsonl.
 
@@ -333,7 +312,7 @@ def prepare(root: str | Path, out: str | Path, num_speakers: int = 2) -> dict[st
         folder = _data_dir(root, split)
         wavs = _read_wav_scp(folder / "wav.scp", root)
         durs = _read_reco2dur(folder / "reco2dur")
-        turns = _read_rttm(folder / "rttm")
+        turns = read_rttm(folder / "rttm")
         unknown = sorted(set(turns) - set(wavs))
         if unknown:
             raise ValueError(

@@ -38,6 +38,7 @@ from typing import Any
 
 from rewiring.audio import AudioError, duration_seconds
 from rewiring.manifest import Record, write_manifest
+from rewiring.rttm import RTTMError, read_rttm
 
 __all__ = ["AUDIO_EXTENSIONS", "PrepareError", "TASKS", "prepare"]
 
@@ -240,27 +241,12 @@ def _table_rows(table: Path) -> tuple[list[_Row], list[tuple[int, str]]]:
 
 
 def _rttm(path: Path) -> list[list]:
-    """Speaker turns [[speaker, start, end], ...] of an RTTM file; `_Located` names `path:line`."""
-    turns = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        fields = line.split()
-        if not fields or fields[0].startswith(("#", ";")):
-            continue
-        if len(fields) < 9 or fields[0] != "SPEAKER":
-            raise _Located(
-                f"{path}:{lineno}: expected 'SPEAKER <rec> <chan> <tbeg> <tdur> <NA> <NA> <speaker> <NA>', "
-                f"got {line[:80]!r}"
-            )
-        try:
-            start, dur = float(fields[3]), float(fields[4])
-        except ValueError:
-            raise _Located(
-                f"{path}:{lineno}: tbeg and tdur must be numbers, got {fields[3]!r} {fields[4]!r}"
-            ) from None
-        if not (math.isfinite(start) and math.isfinite(dur)) or start < 0 or dur < 0:
-            raise _Located(f"{path}:{lineno}: tbeg and tdur must be >= 0, got {fields[3]} {fields[4]}")
-        turns.append([fields[7], round(start, 4), round(start + dur, 4)])
-    return sorted(turns, key=lambda t: (t[1], t[2], t[0]))
+    """Speaker turns [[speaker, start, end], ...] of a sidecar RTTM (every recording id in it); a bad
+    line is `_Located` (it names `path:line`)."""
+    try:
+        return sorted((t for ts in read_rttm(path).values() for t in ts), key=lambda t: (t[1], t[2], t[0]))
+    except RTTMError as e:
+        raise _Located(str(e)) from None
 
 
 # ---------------------------------------------------------------- checking and cutting
