@@ -685,7 +685,11 @@ class Sweep:
             f"sweep {self.spec.name}: {len(self.runs)} runs "
             f"({sum(is_complete(r.dir) for r in self.runs)} complete already), plan in {self.spec.root / 'sweep.json'}"
         )
-        blocked = {a for a in self.missing_encoders() if not self.rewire(a)}
+        missing = self.missing_encoders()
+        # The rewiring stages at once, up to `jobs` (each arm's is independent of the others').
+        with ThreadPoolExecutor(max_workers=max(1, min(self.spec.jobs, len(missing) or 1))) as pool:
+            done = dict(zip(missing, pool.map(self.rewire, missing), strict=True))
+        blocked = {a for a, ok in done.items() if not ok}
         self.execute(blocked=blocked)
         mins, secs = divmod(int(time.monotonic() - t0), 60)
         self.print(
