@@ -151,8 +151,13 @@ def transcribe(folder: str | Path, waves: Sequence[np.ndarray]) -> list[str]:
         return_attention_mask=True,
     )
     with torch.inference_mode():
+        # A broken encoder can make the decoder run on to its 448-token limit; a sentence needs ~20.
         ids = model.generate(
-            features.input_features, attention_mask=features.attention_mask, num_beams=1, do_sample=False
+            features.input_features,
+            attention_mask=features.attention_mask,
+            num_beams=1,
+            do_sample=False,
+            max_new_tokens=64,
         )
     return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
 
