@@ -342,12 +342,31 @@ class SpeechEncoder(nn.Module):
         # safetensors when the folder has them, else torch.load(weights_only=True); never remote code.
         load = dict(use_safetensors=None, weights_only=True, trust_remote_code=False, dtype=torch.float32)
         if _family(config) == "whisper":
-            # The whole model's checkpoint; only its encoder is kept (export reloads the decoder).
-            model = WhisperForConditionalGeneration.from_pretrained(where, **load).model.encoder
+            # Only the encoder is kept (an export reloads the decoder): read just its tensors when the
+            # folder holds one safetensors file (tiny.en: 0.3 s instead of 1 s a process), else load the whole.
+            weights = folder / "model.safetensors"
+            if folder.exists() and weights.is_file():
+                model = SpeechEncoder._whisper_encoder_from(weights, config)
+            else:
+                model = WhisperForConditionalGeneration.from_pretrained(where, **load).model.encoder
         else:
             _, model_cls = MODEL_TYPES[config.model_type]
             model = model_cls.from_pretrained(where, config=SpeechEncoder._build_config(config), **load)
         return model, SpeechEncoder._read_do_normalize(where, folder.exists(), config), _own_values(config)
+
+    @staticmethod
+    def _whisper_encoder_from(weights: Path, config: PretrainedConfig) -> WhisperEncoder:
+        """The encoder of a WhisperForConditionalGeneration safetensors file, loaded strictly."""
+        from safetensors import safe_open
+
+        prefix = "model.encoder."
+        with safe_open(str(weights), framework="pt") as f:
+            state = {k[len(prefix) :]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(f"{weights}: no {prefix}* tensors (not a WhisperForConditionalGeneration checkpoint)")
+        model = WhisperEncoder(config)
+        model.load_state_dict(state, strict=True)
+        return model.eval()
 
     @staticmethod
     def _build(config: PretrainedConfig) -> PreTrainedModel:
