@@ -7,6 +7,7 @@ only pays for what it uses.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Literal
 
 # The real corpora and the task file whose `prepare(root, out)` adapter reads each one; `folder`
@@ -30,6 +31,7 @@ def prepare(
     seed: int = 0,
     task: Literal["asr", "ks", "ic", "sid", "sd", "sf", "unlabelled"] | None = None,
     segment_seconds: float | None = None,
+    test_root: str | None = None,
 ) -> None:
     """Turn a corpus into JSONL manifests under OUT.
 
@@ -43,6 +45,8 @@ def prepare(
         task: for `folder`: the task whose manifests to write (OUT/<task>/<split>.jsonl).
         segment_seconds: for `folder` (sid, sd, unlabelled): read longer recordings as records of
             about this length, each with an offset, instead of cutting files.
+        test_root: for `speech_commands`: the extracted speech_commands_test_set_v0.01, SUPERB's KS
+            test set (without it, test comes from the train archive and is not SUPERB's).
     """
     if corpus == "embedded":
         from rewiring.corpus import prepare_embedded
@@ -64,7 +68,13 @@ def prepare(
         except PrepareError as e:
             raise SystemExit(f"prepare folder: {e}") from e
     else:
-        summary = importlib.import_module(CORPORA[corpus]).prepare(root=root, out=out)
+        adapter = importlib.import_module(CORPORA[corpus]).prepare
+        # Options only some adapters take: passed to those whose `prepare` has the argument.
+        extra = {k: v for k, v in {"test_root": test_root}.items() if v is not None}
+        unused = [k for k in extra if k not in inspect.signature(adapter).parameters]
+        if unused:
+            raise SystemExit(f"prepare {corpus}: --{unused[0]} is not an option of this corpus")
+        summary = adapter(root=root, out=out, **extra)
     for split, n in summary.items():
         print(f"{corpus} {split}: {n}")
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,115 @@ def test_ks_data_module_on_prepared_corpus(speech_commands, tmp_path):
     assert dm.spec == {"classes": ["_silence_", "_unknown_", "no", "yes"]}
     b = next(iter(dm.val_dataloader()))
     assert b.waveforms.shape[0] == 4 and b.targets.tolist()[:2] == [3, 1]
+
+
+def _speakers(split: str, n: int) -> list[str]:
+    """n speaker ids that SUPERB's hash split (s3prl's split_dataset) puts in ``split``."""
+    from tasks.ks import _hash_split
+
+    found = (f"{i:08x}" for i in range(10_000))
+    return [s for s in found if _hash_split(f"{s}_nohash_0.wav") == split][:n]
+
+
+@pytest.fixture
+def superb_speech_commands(tmp_path) -> tuple[Path, Path]:
+    """A train archive whose lists agree with SUPERB's hash split, and a separate test-set archive."""
+    (t1, t2), (d1,), (x1, n1, n2) = _speakers("train", 2), _speakers("dev", 1), _speakers("test", 3)
+    root = tmp_path / "speech_commands_v0.01"
+    words = {"yes": [t1, t2, d1, x1], "no": [t1, d1, x1], "bed": [t2, d1]}
+    for i, (word, speakers) in enumerate(words.items()):
+        for j, spk in enumerate(speakers):
+            tone(root / word / f"{spk}_nohash_0.wav", freq=300 + 50 * i + 10 * j)
+    (root / "validation_list.txt").write_text("".join(f"{w}/{d1}_nohash_0.wav\n" for w in words))
+    (root / "testing_list.txt").write_text(f"yes/{x1}_nohash_0.wav\nno/{x1}_nohash_0.wav\n")
+    tone(root / "_background_noise_" / "white_noise.wav", seconds=10.5, noise=True)
+    tone(root / "_background_noise_" / "hum.wav", seconds=3.2, freq=60)
+    test_root = tmp_path / "speech_commands_test_set_v0.01"
+    for name in (f"yes/{x1}_nohash_0", f"yes/{n1}_nohash_0", f"no/{n1}_nohash_0",
+                 f"_unknown_/bed_{n1}_nohash_0", f"_unknown_/cat_{n2}_nohash_0"):  # fmt: skip
+        tone(test_root / f"{name}.wav", freq=700)
+    for k in range(2):
+        tone(test_root / "_silence_" / f"noise_{k}.wav", noise=True, freq=900 + k)
+    (test_root / "README.md").write_text("test set")
+    return root, test_root
+
+
+def test_ks_prepare_reads_superb_test_set(superb_speech_commands, tmp_path, caplog):
+    from tasks.ks import prepare
+
+    root, test_root = superb_speech_commands
+    out = tmp_path / "m"
+    with caplog.at_level("WARNING", logger="tasks.ks"):
+        counts = prepare(root, out, test_root=test_root)
+    # silence with the test set: white 10 clips -> 9 train / 1 dev, hum 3 clips -> 2 / 1; none in test
+    assert counts == {"train": 4 + 11, "dev": 3 + 2, "test": 7}
+    splits = {s: check_audio(out / "ks" / f"{s}.jsonl") for s in ("train", "dev", "test")}
+    ids = {s: {r.id for r in recs} for s, recs in splits.items()}
+    files = {s: {audio_path(out / "ks" / f"{s}.jsonl", r).resolve() for r in rs} for s, rs in splits.items()}
+    for a, b in (("train", "dev"), ("train", "test"), ("dev", "test")):
+        assert not ids[a] & ids[b] and not files[a] & files[b], (a, b)
+    # test: every file of the test archive, nothing else, labelled by its folder
+    assert files["test"] == {f.resolve() for f in test_root.glob("*/*.wav")}
+    assert Counter(r.label for r in splits["test"]) == {"yes": 2, "no": 1, "_unknown_": 2, "_silence_": 2}
+    unknown = [r for r in splits["test"] if r.label == "_unknown_"]
+    assert {r.speaker for r in unknown} == set(_speakers("test", 3)[1:])
+    assert sorted(r.text for r in unknown) == ["bed", "cat"]  # the word, from word_speaker_nohash_k.wav
+    # dev: the validation list plus a tenth of the noise; train: the rest, testing_list.txt dropped
+    listed = {line.removesuffix(".wav") for line in (root / "validation_list.txt").read_text().split()}
+    assert {r.id for r in splits["dev"] if r.label != "_silence_"} == listed
+    x1 = _speakers("test", 1)[0]
+    assert not any(x1 in i for i in ids["train"] | ids["dev"])
+    assert {r.label for r in splits["train"]} == {"yes", "no", "_unknown_", "_silence_"}
+    assert sum(r.label == "_silence_" for r in splits["train"]) == 11
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("not comparable" in m.lower() or "hash" in m for m in messages), messages
+    assert any("no folder for" in m and "_unknown_" not in m.split("no folder for")[1] for m in messages)
+
+
+def test_ks_prepare_without_test_set_warns(superb_speech_commands, tmp_path, caplog):
+    from tasks.ks import prepare
+
+    root, _ = superb_speech_commands
+    with caplog.at_level("WARNING", logger="tasks.ks"):
+        counts = prepare(root, tmp_path / "m")
+    assert counts == {"train": 4 + 9, "dev": 3 + 2, "test": 2 + 2}  # 80/10/10 noise, testing_list.txt
+    test = check_audio(tmp_path / "m" / "ks" / "test.jsonl")
+    x1 = _speakers("test", 1)[0]
+    assert {r.id for r in test if r.label != "_silence_"} == {f"yes/{x1}_nohash_0", f"no/{x1}_nohash_0"}
+    warning = [r.getMessage() for r in caplog.records if "--test_root" in r.getMessage()]
+    assert len(warning) == 1 and "NOT comparable with SUPERB" in warning[0]
+
+
+def test_ks_prepare_test_set_checks(superb_speech_commands, tmp_path, caplog):
+    from tasks.ks import prepare
+
+    root, test_root = superb_speech_commands
+    with pytest.raises(ValueError, match=r"_background_noise_, bed are not KS classes.*test_set_v0"):
+        prepare(root, tmp_path / "m", test_root=root)  # the train archive given as the test set
+    with pytest.raises(FileNotFoundError, match="test set folder not found"):
+        prepare(root, tmp_path / "m", test_root=tmp_path / "nowhere")
+    # an utterance of train in the test set (a test set of another version) is named
+    t1, t2 = _speakers("train", 2)
+    tone(test_root / "_unknown_" / f"bed_{t2}_nohash_0.wav")
+    with caplog.at_level("WARNING", logger="tasks.ks"):
+        prepare(root, tmp_path / "m", test_root=test_root)
+    assert any("1 utterances of the test set" in r.getMessage() for r in caplog.records)
+    # lists that disagree with SUPERB's hash split are named
+    (root / "validation_list.txt").write_text(f"yes/{t1}_nohash_0.wav\n")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tasks.ks"):
+        prepare(root, tmp_path / "m", test_root=test_root)
+    assert any("not in the split SUPERB's hash gives them" in r.getMessage() for r in caplog.records)
+
+
+def test_prepare_command_passes_test_root_only_where_taken(superb_speech_commands, tmp_path, capsys):
+    from rewiring.commands import prepare
+
+    root, test_root = superb_speech_commands
+    prepare("speech_commands", out=str(tmp_path / "m"), root=str(root), test_root=str(test_root))
+    assert "speech_commands test: 7" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--test_root is not an option"):
+        prepare("voxceleb1", out=str(tmp_path / "v"), root=str(root), test_root=str(test_root))
 
 
 # ================================================================ ic: Fluent Speech Commands
