@@ -22,7 +22,10 @@ The YAML is a `SweepSpec` (below; `--help` lists every field). What the sweep do
    <run>/config.yaml --ckpt_path <run>/checkpoints/last.ckpt` (the saved config restores the
    hyperparameters; the checkpoint restores weights, optimizer, loop and the callback's curve and
    clock). A run killed before its first checkpoint is deleted and started again. A finished fit
-   without test.json only runs its test. The rewiring stage resumes the same way.
+   without test.json only runs its test. The rewiring stage resumes the same way. While a run
+   (or a rewiring stage) goes on, the sweep holds a lock on <run>.lock beside its folder; a second
+   sweep skips a locked run ("locked by a live process, pid N"). Fits die with the sweep
+   (rewiring.procs), so after a `kill -9` nothing holds the lock or writes to the folder.
 4. Learning rate: every arm gets the same grid (one per task where `task_lrs` gives one); the
    report picks, per task, split and arm, the lr with the best dev primary metric averaged over
    seeds, and reports the test metric there.
@@ -57,6 +60,7 @@ from typing import Any, Literal
 import yaml
 
 from rewiring.files import read_json, write_json_atomic
+from rewiring.procs import Locked, die_with_parent, exclusive_lock
 
 Arm = Literal["baseline", "twin", "neutral", "mixed"]
 BASELINE = "baseline"
@@ -324,8 +328,7 @@ def rewire_command(spec: SweepSpec, arm: str) -> list[str]:
         *_configs([spec.base_config, spec.encoder, *(c.format(arm=arm) for c in spec.rewire_configs)]),
         f"--data.init_args.pairing={arm}",
         f"--model.init_args.export_dir={spec.encoder_dir(arm)}",
-        *_logger(spec.root, "rewire", arm),
-        "--trainer.enable_progress_bar=false",
+        *_logger(spec.root, "rewire", arm),  # progress: a line every tenth of the run in the log
         *spec.rewire_args,
     ]
 
@@ -362,7 +365,6 @@ def fit_command(spec: SweepSpec, run: Run) -> list[str]:
         *data,
         *encoder,
         *_logger(spec.root / run.task / split_dir(run.split), run.arm, f"{lr_dir(run.lr)}/seed{run.seed}"),
-        "--trainer.enable_progress_bar=false",
         *spec.args,
         *spec.task_args.get(run.task, []),
     ]
@@ -398,6 +400,12 @@ def is_complete(run_dir: Path) -> bool:
 def test_metric(dev_metric: str) -> str:
     """The test metric logged for a dev metric: val/acc -> test/acc."""
     return "test/" + dev_metric.split("/", 1)[-1]
+
+
+def lock_file(run_dir: Path) -> Path:
+    """<run>.lock beside the run folder (it survives the folder's deletion on a restart): held by
+    the sweep process while a fit or test of the run goes on."""
+    return run_dir.with_name(run_dir.name + ".lock")
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -478,7 +486,10 @@ def _server_context():
 
 
 def _child(argv: list[str], log: str, env: dict[str, str], cwd: str) -> None:
-    """One run in its own (forked) process: environment, working folder and output as a fresh process's."""
+    """One run in its own (forked) process: environment, working folder and output as a fresh process's.
+    It dies with the sweep (or the fork server), so a killed sweep leaves no fit behind; the fork
+    server, left without clients, then exits by itself."""
+    die_with_parent()
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -533,6 +544,7 @@ class Sweep:
         self._lock = threading.Lock()
         self._done = 0
         self.failed: list[str] = []
+        self.locked: list[str] = []  # runs another live process was running
         self.ran = 0
         self.skipped = 0
         self._t0 = time.monotonic()
@@ -596,7 +608,16 @@ class Sweep:
         return [a for a in self.spec.arms if a != BASELINE and not encoder_ready(self.spec, a)]
 
     def rewire(self, arm: str) -> bool:
-        """Run (or resume) the rewiring stage of one arm; True when its encoder exists after."""
+        """Run (or resume) the rewiring stage of one arm; True when its encoder exists after. Skipped
+        (False) while another live process holds the stage's lock."""
+        try:
+            with exclusive_lock(lock_file(rewire_log_dir(self.spec, arm))):
+                return self._rewire(arm)
+        except Locked as e:
+            self.print(f"rewiring {arm}: skipped: {e}")
+            return False
+
+    def _rewire(self, arm: str) -> bool:
         log_dir = rewire_log_dir(self.spec, arm)
         ckpt = latest_checkpoint(log_dir) if (log_dir / "config.yaml").exists() else None
         if ckpt is not None:
@@ -645,12 +666,17 @@ class Sweep:
         try:
             if run.arm in blocked:
                 raise RunFailed(f"no encoder for arm {run.arm} (its rewiring failed)", None)
-            tail = self.run_one(run)
+            with exclusive_lock(lock_file(run.dir)):  # a restart never races a live fit or test
+                tail = self.run_one(run)
             with self._lock:
                 if tail.startswith("done before"):
                     self.skipped += 1
                 else:
                     self.ran += 1
+        except Locked as e:
+            with self._lock:
+                self.locked.append(run.label)
+            tail = f"skipped: {e}; run the sweep again once it has ended"
         except RunFailed as e:
             with self._lock:
                 self.failed.append(run.label)
@@ -685,18 +711,18 @@ class Sweep:
             f"sweep {self.spec.name}: {len(self.runs)} runs "
             f"({sum(is_complete(r.dir) for r in self.runs)} complete already), plan in {self.spec.root / 'sweep.json'}"
         )
-        missing = self.missing_encoders()
-        # The rewiring stages at once, up to `jobs` (each arm's is independent of the others').
-        with ThreadPoolExecutor(max_workers=max(1, min(self.spec.jobs, len(missing) or 1))) as pool:
-            done = dict(zip(missing, pool.map(self.rewire, missing), strict=True))
-        blocked = {a for a, ok in done.items() if not ok}
+        # One rewiring stage at a time: each already keeps the machine busy (its TTS pre-fill runs on
+        # processes of its own); two at once on 2 cores took longer than one after the other.
+        blocked = {a for a in self.missing_encoders() if not self.rewire(a)}
         self.execute(blocked=blocked)
         mins, secs = divmod(int(time.monotonic() - t0), 60)
         self.print(
             f"sweep {self.spec.name}: {len(self.runs)} runs: {self.ran} ran, {self.skipped} done before, "
-            f"{len(self.failed)} failed, in {mins}m{secs:02d}s"
+            f"{len(self.failed)} failed, "
+            + (f"{len(self.locked)} skipped as locked by a live process, " if self.locked else "")
+            + f"in {mins}m{secs:02d}s"
         )
-        status = 1 if self.failed or blocked else 0
+        status = 1 if self.failed or blocked or self.locked else 0
         if report:
             from rewiring.report import write_report
 
@@ -911,7 +937,7 @@ def run_sweep(argv: list[str] | None = None, runner: Runner = preloaded_runner) 
         run = sweep.runs[cfg.index]
         blocked = set() if run.arm == BASELINE or encoder_ready(spec, run.arm) else {run.arm}
         sweep.execute([run], blocked=blocked)
-        return 1 if sweep.failed else 0
+        return 1 if sweep.failed or sweep.locked else 0
     try:
         return sweep.run(report=cfg.report)
     except KeyboardInterrupt:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from rewiring.cli import main
@@ -27,3 +29,57 @@ def test_unknown_command_is_an_error(capsys):
         main(["frobnicate"])
     assert done.value.code == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- run folders (issue 14, item 5)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _rewire_cli(tmp_path: Path, *extra: str):
+    from rewiring.cli import cli_main
+
+    return cli_main(
+        [
+            "--config", str(REPO / "conf/base.yaml"),
+            "--config", str(REPO / "conf/encoder/tiny-random.yaml"),
+            "--config", str(REPO / "conf/stages/rewire.yaml"),
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            "--model.init_args.isotropy_manifest=null",
+            "--data.init_args.synthesizer=rewiring.synthesis.EspeakSynthesizer",
+            *extra,
+        ],
+        run=False,
+    )  # fmt: skip
+
+
+def test_the_rewiring_run_folder_is_named_after_the_pairing(tmp_path):
+    cli = _rewire_cli(tmp_path, "--data.init_args.pairing=twin")
+    assert Path(cli.trainer.log_dir) == tmp_path / "runs" / "rewire" / "twin"
+    # a version given (as the sweep gives its own) is kept
+    cli = _rewire_cli(tmp_path, "--data.init_args.pairing=mixed", "--trainer.logger.init_args.version=mine")
+    assert Path(cli.trainer.log_dir) == tmp_path / "runs" / "rewire" / "mine"
+
+
+def test_a_rerun_never_overwrites_a_runs_config_and_a_resume_stays_in_its_folder(task_cli, tiny_corpus, tmp_path, capsys):
+    from rewiring.cli import cli_main
+
+    short = ["--trainer.fast_dev_run=false", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
+             "--trainer.limit_val_batches=1", "--trainer.logger.init_args.version=v"]  # fmt: skip
+    first = task_cli("ks", tiny_corpus, *short)
+    run = tmp_path / "runs" / "ks" / "v"
+    assert Path(first.trainer.log_dir) == run
+    config = (run / "config.yaml").read_text()
+
+    again = task_cli("ks", tiny_corpus, *short, "--seed_everything=1")
+    assert Path(again.trainer.log_dir) == tmp_path / "runs" / "ks" / "v_1"  # beside it, said so
+    assert (run / "config.yaml").read_text() == config  # the earlier run's config is untouched
+    out = capsys.readouterr().out
+    assert f"{run} holds an earlier run (its config.yaml); this one goes to {run.parent / 'v_1'}" in out
+    assert f"--ckpt_path {run / 'checkpoints' / 'last.ckpt'}" in out
+
+    resumed = cli_main(
+        ["fit", "--config", str(run / "config.yaml"), f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
+         "--trainer.max_steps=4"]
+    )  # fmt: skip
+    assert Path(resumed.trainer.log_dir) == run and resumed.trainer.global_step == 4
+    assert not (run.parent / "v_2").exists()
