@@ -231,6 +231,8 @@ class RewiringDataModule(LightningDataModule):
         mask_prob, mask_span, min_masks: time masks over feature frames (the paper: 0.05, 10, 2).
             mask_prob=0 turns them off.
         max_seconds: skip utterances longer than this (the paper: 11.25).
+        max_items: use a fixed, seeded subset of this many utterances (None: all), e.g. exactly the
+            ones a short run draws, so that the TTS pre-fill says no text the run never uses.
         halve_over: cut utterances longer than this in half, both views alike (the paper: 5.625).
         halve_mode: what becomes of the two halves. "both" (default): each half is an item, so an
             epoch has one item more per long utterance (a quarter step at 4 pairs). "alternate": the
@@ -259,6 +261,7 @@ class RewiringDataModule(LightningDataModule):
         mask_span: int = 10,
         min_masks: int = 2,
         max_seconds: float | None = None,
+        max_items: int | None = None,
         halve_over: float | None = None,
         halve_mode: HalveMode = "both",
         batch_size: int = 4,
@@ -279,6 +282,9 @@ class RewiringDataModule(LightningDataModule):
         self.cache_dir = cache_dir
         self.span_share = span_share
         self.max_seconds = max_seconds
+        if max_items is not None and max_items < batch_size:
+            raise ValueError(f"data.max_items must be >= batch_size ({batch_size}), got {max_items}")
+        self.max_items = max_items
         self.halve_over = halve_over
         if halve_mode not in ("both", "alternate"):
             raise ValueError(f"data.halve_mode must be 'both' or 'alternate', got {halve_mode!r}")
@@ -309,6 +315,10 @@ class RewiringDataModule(LightningDataModule):
             if self.skipped_long:
                 log.info("skipped %d utterances over %.2f s in %s", self.skipped_long, self.max_seconds, path)
             records = kept
+        if self.max_items is not None and len(records) > self.max_items:
+            # A fixed subset, the same on every machine: the items whose (seed, id) hashes lowest.
+            records = sorted(records, key=lambda r: hashlib.sha256(f"{self.seed}:{r.id}".encode()).digest())
+            records = sorted(records[: self.max_items], key=lambda r: r.id)
         return path, records
 
     def _cache(self) -> SynthesisCache | None:

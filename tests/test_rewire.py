@@ -298,3 +298,14 @@ def test_learning_summary_against_chance():
     assert s["steps"] == 40 and s["match_acc_chance"] == round(1 / 15, 4)
     assert s["match_acc_first"] == 0.1 and s["match_acc_last"] == 0.5 and s["loss_last"] < s["loss_first"]
     assert learning_summary([], {}) == {"steps": 0, "skipped": {}}
+
+
+def test_max_items_is_a_fixed_seeded_subset(unlabelled, tmp_path):
+    full = _dm(unlabelled, "twin", tmp_path)
+    a, b = (_dm(unlabelled, "twin", tmp_path, max_items=5) for _ in range(2))
+    ids = [it[0].id for it in a.dataset.items]
+    assert len(ids) == 5 and ids == [it[0].id for it in b.dataset.items]  # the same subset every time
+    assert set(ids) < {it[0].id for it in full.dataset.items}
+    assert ids != [it[0].id for it in _dm(unlabelled, "twin", tmp_path, max_items=5, seed=1).dataset.items]
+    with pytest.raises(ValueError, match="max_items"):
+        RewiringDataModule(manifest=str(unlabelled), max_items=2, batch_size=4)
