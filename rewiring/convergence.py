@@ -344,7 +344,8 @@ class ConvergenceCallback(Callback):
         where = (
             "fast_dev_run: nothing written"
             if trainer.fast_dev_run
-            else f"run folder {trainer.log_dir or trainer.default_root_dir}"
+            # the logger's own folder: trainer.log_dir is a collective under DDP, and only rank 0 prints
+            else f"run folder {getattr(trainer.logger, 'log_dir', None) or trainer.default_root_dir}"
         )
         return f"{what}: {result}; {trainer.global_step} steps in {_clock(self.elapsed())}; {where}"
 
