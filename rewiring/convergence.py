@@ -437,7 +437,8 @@ class StepProgressBar(TQDMProgressBar):
         return "steps"
 
     def on_train_epoch_start(self, trainer: pl.Trainer, *_: Any) -> None:
-        pass  # one bar over the whole run, not one per epoch
+        """Deliberately empty: TQDMProgressBar resets its bar to the epoch's batches here; ours
+        counts optimizer steps over the whole run, so it is made once and never reset."""
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
