@@ -203,6 +203,31 @@ class RewiringCLI(LightningCLI):
             flush=True,
         )
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--test_json",
+            type=str | None,
+            default=None,
+            help="fit only: test the best checkpoint in this process after fitting (one device only; "
+            "under DDP nothing is tested) and write the test metrics to this JSON file. The sweep "
+            "sets it, which saves a test process per run.",
+        )
+
+    def after_fit(self) -> None:
+        """`--test_json`: the best checkpoint on the test set, in this process, as the sweep's test
+        process would (one device, the run's own logger), so a run is one process, not two."""
+        path = self.config.fit.get("test_json")
+        cb = self.trainer.checkpoint_callback
+        if not path or self.trainer.world_size != 1 or self.trainer.interrupted or cb is None:
+            return
+        ckpt = getattr(cb, "best_model_path", "") or getattr(cb, "last_model_path", "")
+        if not ckpt:
+            return  # no checkpoint to test; the sweep's test step says so
+        from rewiring.convergence import TestResults
+
+        self.trainer.callbacks.append(TestResults(path))
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+
     def before_fit(self) -> None:
         n = frozen_eval_modules(self.model)
         if n is not None:  # the frozen encoder is meant to be in eval mode; any other count still warns

@@ -365,6 +365,7 @@ def fit_command(spec: SweepSpec, run: Run) -> list[str]:
         *data,
         *encoder,
         *_logger(spec.root / run.task / split_dir(run.split), run.arm, f"{lr_dir(run.lr)}/seed{run.seed}"),
+        f"--test_json={run.dir / 'test.json'}",  # tested in the fit's process where it runs on one device
         *spec.args,
         *spec.task_args.get(run.task, []),
     ]
@@ -653,6 +654,9 @@ class Sweep:
             rc = self.runner(self._srun(False) + cmd, run.dir / "fit.log", self.env())
             if rc != 0 or not (run.dir / "convergence.json").exists():
                 raise RunFailed(f"fit failed (exit {rc}), log {run.dir / 'fit.log'}", run.dir / "fit.log")
+        if (run.dir / "test.json").exists():  # the fit tested itself (--test_json, one device)
+            how = {"resume": "resumed, "}.get(state, "")
+            return f"{describe(run.dir)}, {how}{time.monotonic() - t0:.1f}s"
         ckpt = best_checkpoint(run.dir)
         if ckpt is None:
             raise RunFailed(f"no checkpoint in {run.dir / 'checkpoints'}", run.dir / "fit.log")
@@ -690,17 +694,26 @@ class Sweep:
         self.print(f"[{i}/{len(self.runs)}] {run.label}: {tail}  ({mins}m{secs:02d}s into the sweep)")
 
     def execute(self, runs: Sequence[Run] | None = None, blocked: set[str] | None = None) -> None:
-        """Baseline runs first, then the rest; `jobs` at a time."""
+        """Baseline runs first (the others compare against them), then the rest; `jobs` at a time."""
         runs = list(self.runs if runs is None else runs)
         blocked = blocked or set()
-        phases = [[r for r in runs if r.arm == BASELINE], [r for r in runs if r.arm != BASELINE]]
-        for phase in phases:
+        for phase in ([r for r in runs if r.arm == BASELINE], [r for r in runs if r.arm != BASELINE]):
             if self.spec.jobs == 1:
                 for r in phase:
                     self._do(r, blocked)
-            else:
-                with ThreadPoolExecutor(self.spec.jobs) as pool:
-                    list(pool.map(lambda r: self._do(r, blocked), phase))
+                continue
+            queue = _FillAwareQueue(phase)
+
+            def work() -> None:
+                while (run := queue.take()) is not None:
+                    try:
+                        self._do(run, blocked)
+                    finally:
+                        queue.done(run)
+
+            with ThreadPoolExecutor(self.spec.jobs) as pool:
+                for f in [pool.submit(work) for _ in range(self.spec.jobs)]:
+                    f.result()
 
     def run(self, report: bool = True) -> int:
         """The whole sweep: plan, rewiring stage, runs, report. Returns the exit status."""
@@ -733,6 +746,35 @@ class Sweep:
                 self.print(f"report failed: {type(e).__name__}: {e}")
                 status = 1
         return status
+
+
+class _FillAwareQueue:
+    """The runs in plan order, except that a task's first run of an arm goes alone: it fills that
+    arm's feature cache for the task (every split and seed reads it), and a sibling started beside
+    it would only wait on the cache's lock with a core idle. The other job takes the next run of
+    another task meanwhile. Results do not depend on the order."""
+
+    def __init__(self, runs: Sequence[Run]) -> None:
+        self._pending = list(runs)
+        self._started: set[tuple[str, str]] = set()
+        self._finished: set[tuple[str, str]] = set()
+        self._cond = threading.Condition()
+
+    def take(self) -> Run | None:
+        with self._cond:
+            while self._pending:
+                for i, run in enumerate(self._pending):
+                    key = (run.arm, run.task)
+                    if key in self._finished or key not in self._started:
+                        self._started.add(key)
+                        return self._pending.pop(i)
+                self._cond.wait()
+            return None
+
+    def done(self, run: Run) -> None:
+        with self._cond:
+            self._finished.add((run.arm, run.task))
+            self._cond.notify_all()
 
 
 class RunFailed(RuntimeError):

