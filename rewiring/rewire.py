@@ -45,11 +45,10 @@ def resolve_manifest(manifest: str | Path) -> Path:
     """The manifest path; an embedded corpus (`.../embedded/<size>/...`) is built on first use."""
     path = Path(manifest)
     if not path.exists():
-        root = path.parent.parent
-        if root.name in ("tiny", "small", "full") and root.parent.name == "embedded":
-            from rewiring.corpus import ensure_corpus
+        from rewiring.corpus import ensure_corpus, is_embedded_root
 
-            ensure_corpus(root)
+        if is_embedded_root(path.parent.parent):
+            ensure_corpus(path.parent.parent)
         if not path.exists():
             raise FileNotFoundError(f"manifest not found: {path} (make one with `python -m rewiring prepare`)")
     return path

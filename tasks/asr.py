@@ -2,7 +2,7 @@
 
 The module, the data module and the LibriSpeech adapter, as one self-contained unit (s3prl style).
 The CTC machinery (vocabulary from the train manifest, BiLSTM head, fp32 CTC with zero_infinity,
-greedy decoding, the all-blank warning) is `tasks.base`'s. Decoding is greedy: a beam search would
+greedy decoding, the all-blank warning) is `tasks.ctc`'s. Decoding is greedy: a beam search would
 need torchaudio's `ctc_decoder`, which needs the flashlight-text package, not installed here.
 """
 
@@ -20,7 +20,10 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 
 from rewiring.audio import duration_seconds
 from rewiring.manifest import Record, write_manifest
-from tasks.base import CTCTaskDataModule, CTCTaskModule, Stage, TaskBatch, relative_audio
+from tasks.adapters import relative_audio
+from tasks.ctc import CTCTaskDataModule, CTCTaskModule
+from tasks.data import TaskBatch
+from tasks.module import Stage
 
 __all__ = ["SpeechRecognitionData", "SpeechRecognition", "prepare"]
 
@@ -43,7 +46,7 @@ class SpeechRecognitionData(CTCTaskDataModule):
 class SpeechRecognition(CTCTaskModule):
     """Encoder + SUPERB's ASR head (2-layer BiLSTM, CTC over characters); WER (primary, lower is better) and CER.
 
-    Args: those of `tasks.base.CTCTaskModule` (protocol, optimizer, learning rates, BiLSTM size, the
+    Args: those of `tasks.ctc.CTCTaskModule` (protocol, optimizer, learning rates, BiLSTM size, the
     projector and SpecAugment of the SUPERB preset, conf/tasks/superb/asr.yaml).
     """
 

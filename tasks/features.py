@@ -1,6 +1,6 @@
 """The frozen-feature cache in a task's data path (protocol superb): cached hidden states in, not audio.
 
-Three small hooks in tasks/base.py plug it in:
+Three small hooks in tasks/data.py and tasks/module.py plug it in:
 - `TaskModule.setup` hands its data module a `FeatureCache` when the protocol is superb and
   ``feature_cache`` names a folder (null: live encoding; finetune always encodes live).
 - `TaskDataModule._loader` lets it wrap each split. The first call opens the cache (`FeatureCache.open`):
@@ -58,7 +58,8 @@ from rewiring.features import (
 from rewiring.manifest import Record, audio_path, read_manifest
 
 if TYPE_CHECKING:
-    from tasks.base import ManifestDataset, TaskDataModule, TaskModule
+    from tasks.data import ManifestDataset, TaskDataModule
+    from tasks.module import TaskModule
 
 __all__ = ["FeatureBatch", "FeatureCache", "FeatureCollate", "FeatureDataset", "FeatureItem"]
 
@@ -302,7 +303,7 @@ def _utterances(
 
 def _crop_problem(dm: TaskDataModule, train: list[Record]) -> str | None:
     """Why cached training crops would be wrong for this data module (`train`: its full train manifest), or None."""
-    from tasks.base import ManifestDataset
+    from tasks.data import ManifestDataset
 
     if "train" not in dm.records:
         return None

@@ -19,15 +19,10 @@ from torchmetrics import Metric
 
 from rewiring.audio import duration_seconds
 from rewiring.manifest import Record, write_manifest
-from tasks.base import (
-    ClassificationTaskModule,
-    PooledClassifier,
-    Stage,
-    TaskBatch,
-    TaskDataModule,
-    relative_audio,
-    require_file,
-)
+from tasks.adapters import relative_audio, require_file
+from tasks.classification import ClassificationTaskModule, PooledClassifier
+from tasks.data import TaskBatch, TaskDataModule
+from tasks.module import Stage
 
 __all__ = ["SLOTS", "ExactMatch", "IntentClassification", "IntentClassificationData", "prepare"]
 

@@ -18,7 +18,8 @@ import soundfile as sf
 
 from rewiring.audio import SAMPLE_RATE, duration_seconds, load_audio
 from rewiring.manifest import Record, write_manifest
-from tasks.base import ClassificationDataModule, ClassificationTaskModule, relative_audio, require_file
+from tasks.adapters import relative_audio, require_file
+from tasks.classification import ClassificationDataModule, ClassificationTaskModule
 
 __all__ = ["CLASSES", "KS_WORDS", "SILENCE", "UNKNOWN", "KeywordSpotting", "KeywordSpottingData", "prepare"]
 

@@ -26,16 +26,10 @@ from rewiring.audio import SAMPLE_RATE, Skipped, load_or_skip
 from rewiring.encoder import SpeechEncoder
 from rewiring.manifest import Record, audio_path, write_manifest
 from rewiring.rttm import read_rttm
-from tasks.base import (
-    Item,
-    ManifestDataset,
-    Stage,
-    TaskBatch,
-    TaskDataModule,
-    TaskModule,
-    relative_audio,
-)
+from tasks.adapters import relative_audio
+from tasks.data import Item, ManifestDataset, TaskBatch, TaskDataModule
 from tasks.metrics import DiarizationErrorRate, pit_bce
+from tasks.module import Stage, TaskModule
 from tasks.rnn import FrameLSTM
 
 __all__ = ["SpeakerDiarization", "SpeakerDiarizationData", "frame_activity", "prepare"]

@@ -29,8 +29,11 @@ from torchmetrics.text import CharErrorRate, WordErrorRate
 
 from rewiring.audio import duration_seconds
 from rewiring.manifest import Record, write_manifest
-from tasks.base import CTCTaskDataModule, CTCTaskModule, Stage, TaskBatch, relative_audio
+from tasks.adapters import relative_audio
+from tasks.ctc import CTCTaskDataModule, CTCTaskModule
+from tasks.data import TaskBatch
 from tasks.metrics import SlotTypeF1, SlotValueCER
+from tasks.module import Stage
 
 __all__ = [
     "SlotFillingData",
@@ -143,7 +146,7 @@ class SlotFillingData(CTCTaskDataModule):
 class SlotFilling(CTCTaskModule):
     """Encoder + BiLSTM CTC head over characters and slot tags; slot_type_f1 (primary), slot_value_cer, WER, CER.
 
-    Args: those of `tasks.base.CTCTaskModule` (protocol, optimizer, learning rates, BiLSTM size, the
+    Args: those of `tasks.ctc.CTCTaskModule` (protocol, optimizer, learning rates, BiLSTM size, the
     projector and SpecAugment of the SUPERB preset, conf/tasks/superb/sf.yaml).
     """
 

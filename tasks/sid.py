@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 
 from rewiring.audio import duration_seconds
 from rewiring.manifest import Record, write_manifest
-from tasks.base import ClassificationDataModule, ClassificationTaskModule, relative_audio, require_file
+from tasks.adapters import relative_audio, require_file
+from tasks.classification import ClassificationDataModule, ClassificationTaskModule
 
 __all__ = ["SpeakerIdentification", "SpeakerIdentificationData", "prepare"]
 

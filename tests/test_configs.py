@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import io
 from pathlib import Path
 
@@ -51,6 +52,30 @@ def test_embedded_stages_parse(stage):
 def test_every_yaml_in_conf_is_valid():
     for path in CONF.rglob("*.yaml"):
         assert isinstance(yaml.safe_load(path.read_text()), dict), path
+
+
+def _class_paths(node):
+    """Every ``class_path`` value anywhere in a parsed config."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "class_path":
+                yield value
+            else:
+                yield from _class_paths(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _class_paths(value)
+
+
+def test_every_class_path_in_conf_imports():
+    seen = 0
+    for path in sorted(CONF.rglob("*.yaml")):
+        for class_path in _class_paths(yaml.safe_load(path.read_text())):
+            assert isinstance(class_path, str) and "." in class_path, f"{path}: class_path {class_path!r}"
+            module, name = class_path.rsplit(".", 1)
+            assert hasattr(importlib.import_module(module), name), f"{path}: class_path {class_path} does not import"
+            seen += 1
+    assert seen >= 30  # the walk reaches the task, stage, encoder and sweep configs
 
 
 def test_wrong_config_value_names_the_field():

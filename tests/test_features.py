@@ -22,7 +22,7 @@ from rewiring import features as F
 from rewiring.audio import AudioError, Skipped, load_audio
 from rewiring.encoder import TINY_CONFIG, SpeechEncoder
 from rewiring.manifest import Record, audio_path, read_manifest, write_manifest
-from tasks.base import TaskBatch
+from tasks.data import TaskBatch
 from tasks.features import FeatureBatch, FeatureDataset
 
 REPO = Path(__file__).resolve().parents[1]

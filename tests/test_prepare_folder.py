@@ -319,7 +319,7 @@ def test_rewiring_pairs_read_each_segment(tmp_path):
 def test_datasets_pass_the_reason_of_a_bad_file_on(tmp_path):
     from rewiring.manifest import Record
     from rewiring.rewire import PairDataset
-    from tasks.base import ManifestDataset
+    from tasks.data import ManifestDataset
 
     _wav(tmp_path / "long.wav", seconds=2.4)
     recs = [

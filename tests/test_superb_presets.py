@@ -17,7 +17,7 @@ from torch.utils.data import WeightedRandomSampler
 
 from rewiring.audio import BucketBatchSampler
 from rewiring.cli import cli_main
-from tasks.base import CTCHead
+from tasks.ctc import CTCHead
 from tasks.specaug import SpecAugment
 
 REPO = Path(__file__).resolve().parents[1]

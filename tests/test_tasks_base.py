@@ -1,5 +1,5 @@
-"""tasks/base.py: protocols, optimizer groups, warm-up, data split, spec checks, CTC pieces, and
-the pairing of task files with their configs."""
+"""tasks/{data,module,ctc,classification}.py: protocols, optimizer groups, warm-up, data split, spec
+checks, CTC pieces, and the pairing of task files with their configs."""
 
 from __future__ import annotations
 
@@ -15,18 +15,10 @@ import yaml
 
 from rewiring.encoder import TINY_CONFIG, SpeechEncoder
 from rewiring.manifest import Record, write_manifest
-from tasks.base import (
-    ClassificationDataModule,
-    ClassificationTaskModule,
-    CTCTargets,
-    EncoderWarmup,
-    Item,
-    TaskBatch,
-    TaskModule,
-    Vocabulary,
-    ctc_loss,
-    greedy_decode,
-)
+from tasks.classification import ClassificationDataModule, ClassificationTaskModule
+from tasks.ctc import CTCTargets, Vocabulary, ctc_loss, greedy_decode
+from tasks.data import Item, TaskBatch
+from tasks.module import EncoderWarmup, TaskModule
 
 REPO = Path(__file__).resolve().parents[1]
 SIX = {"asr", "ks", "ic", "sid", "sd", "sf"}
@@ -277,7 +269,7 @@ def _task_files() -> dict[str, type]:
     """tasks/<name>.py files that define a TaskModule subclass -> that class."""
     found = {}
     for path in sorted((REPO / "tasks").glob("*.py")):
-        if path.stem in ("__init__", "base"):
+        if path.stem == "__init__":
             continue
         module = importlib.import_module(f"tasks.{path.stem}")
         classes = [

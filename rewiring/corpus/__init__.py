@@ -12,8 +12,18 @@ from rewiring.corpus.build import (
     TASKS,
     build_corpus,
     ensure_corpus,
+    is_embedded_root,
     prepare_embedded,
     task_manifest,
 )
 
-__all__ = ["SIZES", "SPLITS", "TASKS", "build_corpus", "ensure_corpus", "prepare_embedded", "task_manifest"]
+__all__ = [
+    "SIZES",
+    "SPLITS",
+    "TASKS",
+    "build_corpus",
+    "ensure_corpus",
+    "is_embedded_root",
+    "prepare_embedded",
+    "task_manifest",
+]

@@ -34,7 +34,16 @@ from rewiring.corpus import text as T
 from rewiring.corpus.render import NOISES
 from rewiring.corpus.voices import Speaker, make_speakers, piper_available
 
-__all__ = ["SIZES", "SPLITS", "TASKS", "build_corpus", "ensure_corpus", "prepare_embedded", "task_manifest"]
+__all__ = [
+    "SIZES",
+    "SPLITS",
+    "TASKS",
+    "build_corpus",
+    "ensure_corpus",
+    "is_embedded_root",
+    "prepare_embedded",
+    "task_manifest",
+]
 
 log = logging.getLogger(__name__)
 
@@ -521,6 +530,13 @@ def build_corpus(
     out = Path(out).absolute()
     with _locked(out):
         return _build(out, size, seed, progress, processes)
+
+
+def is_embedded_root(root: str | Path) -> bool:
+    """Whether ROOT is shaped like .../embedded/<size>: the stages and tasks build such a folder on first
+    use (`ensure_corpus`) instead of failing on a missing manifest."""
+    root = Path(root)
+    return root.name in SIZES and root.parent.name == "embedded"
 
 
 def ensure_corpus(root: str | Path) -> Path:
