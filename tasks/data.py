@@ -251,6 +251,23 @@ class TaskDataModule(LightningDataModule, ABC):
             )
 
     # ------------------------------------------------------------ loaders
+    def cached_crop_problem(self, train: list[Record]) -> str | None:
+        """Why cached training crops would be wrong for this data module (`train`: its full train
+        manifest), or None; the feature cache asks before it replaces the live datasets."""
+        if "train" not in self.records:
+            return None
+        live = self.dataset("train")
+        crop = live.crop_seconds
+        if crop is None or not any(r.duration > crop for r in train):
+            return None
+        cls = type(live)
+        if cls.__getitem__ is not ManifestDataset.__getitem__ and cls.crop_target is ManifestDataset.crop_target:
+            return (
+                f"{cls.__name__} reads its own {crop:g} s training windows and has no crop_target to move "
+                "its targets with a crop of cached frames"
+            )
+        return None
+
     def dataset(self, split: str) -> ManifestDataset:
         if split not in self.records:
             raise RuntimeError(f"{self.task}: split {split!r} is not set up (call setup first)")

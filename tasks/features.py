@@ -228,7 +228,7 @@ class FeatureCache:
         store = FeatureStore(module.feature_cache, encoder.feature_key(), encoder.num_hidden_states,
                              encoder.hidden_size, module.feature_cache_dtype)  # fmt: skip
         records = {split: read_manifest(dm.manifest(split)) for split in SPLITS}
-        reason = _crop_problem(dm, records["train"])
+        reason = dm.cached_crop_problem(records["train"])
         # From the manifests' durations first: a task far above the cap never hashes its audio.
         samples = {source_of(audio_path(dm.manifest(split), r), r.offset, r.duration): round(r.duration * SAMPLE_RATE)
                    for split, recs in records.items() for r in recs}  # fmt: skip
@@ -299,22 +299,3 @@ def _utterances(
             keys[source] = u.key
             entries.setdefault(u.key, u)
     return list(entries.values()), keys, bad
-
-
-def _crop_problem(dm: TaskDataModule, train: list[Record]) -> str | None:
-    """Why cached training crops would be wrong for this data module (`train`: its full train manifest), or None."""
-    from tasks.data import ManifestDataset
-
-    if "train" not in dm.records:
-        return None
-    live = dm.dataset("train")
-    crop = live.crop_seconds
-    if crop is None or not any(r.duration > crop for r in train):
-        return None
-    cls = type(live)
-    if cls.__getitem__ is not ManifestDataset.__getitem__ and cls.crop_target is ManifestDataset.crop_target:
-        return (
-            f"{cls.__name__} reads its own {crop:g} s training windows and has no crop_target to move "
-            "its targets with a crop of cached frames"
-        )
-    return None
