@@ -65,12 +65,13 @@ demo-tiny: pretrain
 compare: setup
 	$(PY) -m rewiring compare runs/$(SWEEP) --out reports/$(SWEEP)
 
+# The benchmarks are not part of the installed package: they run from the checkout (rewiring bench does the same).
 bench: setup
-	$(PY) -m rewiring bench --out benchmarks
+	$(PY) -m benchmarks --out benchmarks
 
 # The wav2vec2-base-sized rewiring step in bf16-mixed on a CUDA device only (make bench includes it).
 bench-gpu: setup
-	$(PY) -m rewiring bench --out benchmarks/gpu --sections '[gpu]'
+	$(PY) -m benchmarks --out benchmarks/gpu --sections '[gpu]'
 
 tensorboard: setup
 	.venv/bin/tensorboard --logdir runs --port 6006

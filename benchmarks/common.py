@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from rewiring.encoder import WAV2VEC2_CONV
+
 REPO = Path(__file__).resolve().parents[1]
 CONF = REPO / "conf"
 SAMPLE_RATE = 16000
@@ -35,8 +37,7 @@ BASE_CONFIG: dict[str, Any] = {
     "num_attention_heads": 12,
     "intermediate_size": 3072,
     "conv_dim": [512] * 7,
-    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
-    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    **WAV2VEC2_CONV,
     "conv_bias": False,
     "feat_extract_norm": "group",
     "do_stable_layer_norm": False,

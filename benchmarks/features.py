@@ -159,7 +159,7 @@ def _paper_plan() -> dict[str, dict[str, int]]:
     """Per task of conf/sweep/paper.yaml: its runs, optimizer steps per run, batch size and batches per
     step (gradient accumulation), from the configs each run stacks (the last one to set a value wins,
     then the sweep's args)."""
-    from rewiring.sweep import SweepSpec, plan
+    from rewiring.experiment.sweep.spec import SweepSpec, plan
 
     spec = SweepSpec(**yaml.safe_load((CONF / "sweep" / "paper.yaml").read_text()))
     out: dict[str, dict[str, int]] = {}

@@ -1,6 +1,6 @@
 """1. Framework overhead: the full Lightning path against a bare PyTorch loop, side by side.
 
-Lightning path: `rewiring.cli.cli_main(args, run=True)` with `--trainer.max_steps`, the project's
+Lightning path: `rewiring.experiment.train.cli_main(args, run=True)` with `--trainer.max_steps`, the project's
 configs (conf/base.yaml + encoder + stage or task), its DataModule on a warm synthesis cache, the
 Trainer with the configured logger and callbacks; a `StepTimer` callback stamps every step.
 Bare loop: the same model class, loss, optimizer and data module (instantiated from the same
@@ -29,7 +29,7 @@ from benchmarks.timer import StepTimer, interleaved
 
 
 def _cli(args: list[str], run: bool):
-    from rewiring.cli import cli_main
+    from rewiring.experiment.train import cli_main
 
     return cli_main(args, run=run)
 

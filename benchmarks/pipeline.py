@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from benchmarks.common import Workspace, log, make_synth, summarize
-from rewiring.encoder import TINY_CONFIG, config_frame_layout
+from rewiring.encoder import TINY_CONFIG
+from rewiring.frames import config_frame_layout
 from rewiring.synthesis.coqui import random_vits
 
 TINY_LAYOUT = config_frame_layout(TINY_CONFIG)

@@ -19,7 +19,7 @@ from typing import Any
 from benchmarks.common import CONF, REPO, Workspace, encoder_config, log, steady, summarize
 
 IMPORTS = (
-    "import rewiring.cli, rewiring.encoder, rewiring.convergence, tasks.ks; "
+    "import rewiring.experiment.train, rewiring.encoder, rewiring.convergence, tasks.ks; "
     "from lightning.pytorch.loggers import TensorBoardLogger"
 )
 
@@ -84,7 +84,7 @@ def _fit_in_child(args: list[str]) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    from rewiring.cli import cli_main
+    from rewiring.experiment.train import cli_main
 
     cli_main(args)
 

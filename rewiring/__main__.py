@@ -1,4 +1,4 @@
-from rewiring.cli import main
+from rewiring.experiment.cli import main
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
 
@@ -97,15 +97,21 @@ class AudioError(RuntimeError):
 @dataclass(frozen=True)
 class Skipped:
     """What `load_or_skip` gives instead of a waveform for a bad file under `on_bad_audio="skip"`:
-    the file, the reason code (for counting skips per reason) and the reason in words."""
+    the file, the reason code (for counting skips per reason) and the reason in words. A dataset
+    adds the utterance's id (`named`), so that skips are counted per utterance (rewiring.skips)."""
 
     path: str
     code: Reason
     reason: str
+    id: str | None = None
 
     @classmethod
     def of(cls, error: AudioError) -> Skipped:
         return cls(path=error.path, code=error.code, reason=error.reason)
+
+    def named(self, id: str) -> Skipped:
+        """The same skip, of utterance `id`."""
+        return replace(self, id=id)
 
 
 class _Segment(Protocol):
@@ -392,6 +398,11 @@ class BucketBatchSampler(Sampler[list[int]]):
     Shuffle, sort by duration inside windows of 50 batches, cut into batches, shuffle the batches.
     With `drop_last`, only full batches are kept (in rewiring every anchor needs the same number
     of negatives). The shuffle depends only on (seed, epoch): the same batches on every machine.
+
+    Resumable: `state_dict()` is the epoch of the pass in progress and the batches it has yielded
+    (a finished pass gives the next epoch from its start); after `load_state_dict`, the next pass is
+    that epoch from that batch on (torchdata's StatefulDataLoader calls both, and does not
+    fast-forward a stateful sampler itself).
     """
 
     def __init__(
@@ -402,15 +413,17 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.drop_last = drop_last
         self.seed = seed
         self.window = window * batch_size
-        self.epoch = 0
+        self.epoch = 0  # the epoch of the next pass
+        self._skip = 0  # batches of that pass already consumed (load_state_dict)
+        self._pass: list[int] | None = None  # [epoch, batches yielded] of the pass in progress
 
     def __len__(self) -> int:
         n = len(self.durations)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
-    def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        self.epoch += 1
+    def batches(self, epoch: int) -> list[list[int]]:
+        """The batches of one epoch, in order."""
+        g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
         order = torch.randperm(len(self.durations), generator=g)
         batches = []
         for start in range(0, len(order), self.window):
@@ -419,5 +432,23 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches += [chunk[k : k + self.batch_size].tolist() for k in range(0, len(chunk), self.batch_size)]
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
-        for p in torch.randperm(len(batches), generator=g).tolist():
-            yield batches[p]
+        return [batches[p] for p in torch.randperm(len(batches), generator=g).tolist()]
+
+    def __iter__(self):
+        # A generator: nothing moves until the first batch is asked for (DataLoader iterators call
+        # iter() on their sampler more than once).
+        epoch, skip = self.epoch, self._skip
+        self.epoch, self._skip = epoch + 1, 0
+        self._pass = [epoch, skip]
+        for batch in self.batches(epoch)[skip:]:
+            self._pass[1] += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, yielded = self._pass if self._pass is not None else (self.epoch, self._skip)
+        if yielded >= len(self):  # a finished pass: the next one, so a resumed epoch is never empty
+            epoch, yielded = epoch + 1, 0
+        return {"epoch": epoch, "yielded": yielded}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch, self._skip, self._pass = int(state["epoch"]), int(state["yielded"]), None

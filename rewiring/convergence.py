@@ -190,7 +190,12 @@ class ConvergenceCallback(Callback):
 
     The monitored metric and its direction come from the LightningModule (`primary_metric`,
     `metric_mode`, as every TaskModule declares them); `monitor`/`mode` are the fallback for other
-    modules. A module with neither (pre-training, rewiring) is left alone.
+    modules. A module with neither gets no curve; if it counts skipped inputs (rewiring,
+    pre-training: a `rewiring.skips.SkipLog` as ``skips``), its convergence.json holds only those.
+
+    convergence.json's ``skipped`` section: per split, the utterances in the split's manifest (the
+    low-resource subset for train), how many were drawn and used, and the skipped ones per reason
+    (``{"train": {"utterances": 40, "drawn": 40, "used": 37, "skipped": {"too_short": 2, ...}}}``).
 
     TensorBoard: the module itself logs `val/<metric>` against the global step. This callback adds
     `walltime_ms/val/<metric>`, the same values with wall-clock milliseconds since the training loop
@@ -302,14 +307,21 @@ class ConvergenceCallback(Callback):
         if trainer.is_global_zero:
             print(self.summary_line(trainer, pl_module), flush=True)
         # fast_dev_run has no logger, so log_dir would be the working directory: write nothing
-        if spec is None or not trainer.is_global_zero or trainer.fast_dev_run:
+        if not trainer.is_global_zero or trainer.fast_dev_run:
+            return
+        skips = getattr(pl_module, "skips", None)
+        skipped = dict(skips.final) if skips is not None else None  # counted up to the end of training
+        out_dir = _log_dir(trainer)
+        if spec is None:
+            if skipped is not None:
+                write_json_atomic(out_dir / self.filename, {"metric": None, "global_step": trainer.global_step,
+                                                            "skipped": skipped})  # fmt: skip
             return
         metric, mode = spec
         reference, source = self._reference()
         max_steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         summary = summarize(self.curve, mode, reference, self.fractions, area_end=max_steps)
         ckpt = trainer.checkpoint_callback
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir)
         result = {
             "metric": metric,
             "mode": mode,
@@ -320,6 +332,7 @@ class ConvergenceCallback(Callback):
             "reference": {"value": summary.pop("reference_value"), "source": source},
             **summary,
             "curve": asdict(self.curve),
+            **({"skipped": skipped} if skipped is not None else {}),
             "checkpoint": {
                 "best": _rel(getattr(ckpt, "best_model_path", "") or None, out_dir),
                 "last": _rel(getattr(ckpt, "last_model_path", "") or None, out_dir),
@@ -365,6 +378,14 @@ class ConvergenceCallback(Callback):
                 self.reference_run,
             )
         return None, "own final value"
+
+
+def _log_dir(trainer: pl.Trainer) -> Path:
+    """`trainer.log_dir` without its broadcast: a collective under DDP, and only rank 0 writes."""
+    logger = trainer.logger
+    if logger is None:
+        return Path(trainer.default_root_dir)
+    return Path(getattr(logger, "log_dir", None) or logger.save_dir or trainer.default_root_dir)
 
 
 def _clock(seconds: float) -> str:
@@ -495,7 +516,9 @@ def _rel(path: str | None, base: Path) -> str | None:
 
 
 class TestResults(Callback):
-    """Writes the test metrics (`test/...` of `trainer.callback_metrics`) to a JSON file after `test`.
+    """Writes the test metrics (`test/...` of `trainer.callback_metrics`) to a JSON file after `test`,
+    with the test split's skipped utterances when the module counts them (as convergence.json's
+    ``skipped`` section).
 
     The sweep adds it to each run's test process:
     `--trainer.callbacks+=rewiring.convergence.TestResults --trainer.callbacks.init_args.path=<run>/test.json`.
@@ -514,8 +537,10 @@ class TestResults(Callback):
         if not trainer.is_global_zero:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("test/")}
-        out = (
-            Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "test.json"
-        )
+        out = Path(self.path) if self.path else _log_dir(trainer) / "test.json"
         ckpt = getattr(trainer, "ckpt_path", None)
-        write_json_atomic(out, {"metrics": metrics, "ckpt_path": str(ckpt) if ckpt else None})
+        result = {"metrics": metrics, "ckpt_path": str(ckpt) if ckpt else None}
+        skips = getattr(pl_module, "skips", None)
+        if skips is not None and "test" in skips.final:
+            result["skipped"] = {"test": skips.final["test"]}
+        write_json_atomic(out, result)

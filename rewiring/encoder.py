@@ -5,7 +5,8 @@ It wraps a transformers model of the wav2vec 2.0 family (wav2vec2, HuBERT, WavLM
 a local folder or a config dict, and returns frame features from a chosen layer (or the paper's uniform
 average of all hidden states, or SUPERB's learned softmax-weighted sum), a frame mask that matches them,
 and utterance vectors (mean over real frames). Stages hand encoders to each other as Hugging Face folders
-(`save_pretrained`), so a rewired encoder loads in any tool that reads wav2vec 2.0.
+(`save_pretrained`), so a rewired encoder loads in any tool that reads wav2vec 2.0. The frame arithmetic
+and pooling are `rewiring.frames`; building and loading the transformers models is `rewiring.hf`.
 
 Decisions worth knowing:
 - HF's own masking and LayerDrop are switched off in the loaded config (mask_time_prob = mask_feature_prob
@@ -34,8 +35,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
-import shutil
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,51 +42,32 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from transformers import (
-    AutoConfig,
-    HubertConfig,
-    HubertModel,
-    PretrainedConfig,
-    PreTrainedModel,
-    Wav2Vec2Config,
-    Wav2Vec2FeatureExtractor,
-    Wav2Vec2Model,
-    WavLMConfig,
-    WavLMModel,
-    WhisperConfig,
-    WhisperFeatureExtractor,
-    WhisperForConditionalGeneration,
-)
-from transformers.models.whisper.modeling_whisper import WhisperEncoder
+from transformers import AutoConfig, PretrainedConfig, PreTrainedModel, Wav2Vec2FeatureExtractor
 
-from rewiring import whisper
+from rewiring import hf, whisper
+from rewiring.frames import config_frame_layout, masked_mean
 
 __all__ = [
     "TINY_CONFIG",
     "TINY_WHISPER_CONFIG",
+    "WAV2VEC2_CONV",
     "EncoderOutput",
-    "FrameLayout",
     "SpeechEncoder",
-    "config_frame_layout",
-    "conv_layout",
-    "frame_lengths",
-    "masked_mean",
-    "MODEL_TYPES",
+    "looks_like_path",
 ]
 
 log = logging.getLogger(__name__)
 
-# The model types this wrapper knows: all share the conv feature encoder and mask_time_indices.
-MODEL_TYPES: dict[str, tuple[type[PretrainedConfig], type[PreTrainedModel]]] = {
-    "wav2vec2": (Wav2Vec2Config, Wav2Vec2Model),
-    "hubert": (HubertConfig, HubertModel),
-    "wavlm": (WavLMConfig, WavLMModel),
-    "whisper": (WhisperConfig, WhisperEncoder),
+# wav2vec2-base's conv feature encoder, which is also transformers' default for the wav2vec2 family:
+# 16 kHz -> 50 frames/s, a 400-sample receptive field (`rewiring.frames.config_frame_layout` reads it).
+WAV2VEC2_CONV: dict[str, list[int]] = {
+    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
+    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
 }
 
-# The project's tiny encoder: wav2vec2-base's conv stack (so 16 kHz -> 50 frames/s, 400-sample receptive
-# field) at 64 channels, a 4-layer, 128-d Transformer, and a small quantizer for wav2vec 2.0 pre-training.
-# Kept in sync with conf/encoder/tiny-random.yaml (a test checks).
+# The project's tiny encoder: wav2vec2-base's conv stack at 64 channels, a 4-layer, 128-d Transformer,
+# and a small quantizer for wav2vec 2.0 pre-training. conf/encoder/tiny-random.yaml is the same config,
+# less the conv layout, which it gets as the default (a test checks).
 TINY_CONFIG: dict[str, Any] = {
     "model_type": "wav2vec2",
     "hidden_size": 128,
@@ -95,8 +75,7 @@ TINY_CONFIG: dict[str, Any] = {
     "num_attention_heads": 4,
     "intermediate_size": 256,
     "conv_dim": [64, 64, 64, 64, 64, 64, 64],
-    "conv_kernel": [10, 3, 3, 3, 3, 2, 2],
-    "conv_stride": [5, 2, 2, 2, 2, 2, 2],
+    **WAV2VEC2_CONV,
     "conv_bias": False,
     "feat_extract_norm": "group",
     "do_stable_layer_norm": False,
@@ -138,15 +117,6 @@ TINY_WHISPER_CONFIG: dict[str, Any] = {
     "max_target_positions": 64,
 }
 
-# Config values the wrapper overrides while it runs (HF's own augmentation off); exports restore them.
-_RUN_OVERRIDES: dict[str, Any] = {
-    "mask_time_prob": 0.0,
-    "mask_feature_prob": 0.0,
-    "layerdrop": 0.0,
-    "apply_spec_augment": True,
-}
-_WHISPER_RUN_OVERRIDES: dict[str, Any] = {"encoder_layerdrop": 0.0}
-
 Layers = int | Literal["average", "weighted", "last"]
 
 
@@ -158,90 +128,15 @@ class EncoderOutput:
     pooled: Tensor  # [B, D] mean of features over real frames
 
 
-@dataclass(frozen=True)
-class FrameLayout:
-    """How many feature frames a waveform of L samples gives, for any encoder: an optional hop (Whisper's
-    log-mel: L // 160 frames), then convolutions ``floor((n + 2 * padding - kernel) / stride) + 1``.
-
-    Small and picklable, so data-loader workers (rewiring's mask collate) can hold it.
-    """
-
-    kernels: tuple[int, ...]
-    strides: tuple[int, ...]
-    paddings: tuple[int, ...] = ()
-    hop: int = 1
-
-    def __call__(self, lengths: Tensor | int) -> Tensor:
-        n = torch.div(torch.as_tensor(lengths, dtype=torch.long), self.hop, rounding_mode="floor")
-        paddings = self.paddings or (0,) * len(self.kernels)
-        for kernel, stride, pad in zip(self.kernels, self.strides, paddings, strict=True):
-            n = (torch.div(n + 2 * pad - kernel, stride, rounding_mode="floor") + 1).clamp(min=0)
-        return n
-
-    @property
-    def samples_per_frame(self) -> int:
-        return self.hop * math.prod(self.strides)
-
-
-def _family(config: PretrainedConfig) -> str:
-    return "whisper" if config.model_type == "whisper" else "wav2vec2"
-
-
-def config_frame_layout(config: PretrainedConfig | dict[str, Any]) -> FrameLayout:
-    """The frame layout of an encoder config (or a config dict such as TINY_CONFIG), read from the config."""
-    if isinstance(config, dict):
-        config = _config_from_dict(config)
-    if _family(config) == "whisper":
-        return FrameLayout(kernels=(3, 3), strides=(1, 2), paddings=(1, 1), hop=whisper.HOP)
-    kernels, strides = conv_layout(config)
-    return FrameLayout(kernels=kernels, strides=strides)
-
-
-def conv_layout(config: PretrainedConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(kernels, strides) of a wav2vec 2.0-family conv feature encoder."""
-    return tuple(int(k) for k in config.conv_kernel), tuple(int(s) for s in config.conv_stride)
-
-
-def frame_lengths(config: PretrainedConfig, lengths: Tensor | int) -> Tensor:
-    """Feature frames per waveform length for this config."""
-    return config_frame_layout(config)(lengths)
-
-
-def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
-    """Mean of [B, F, D] features over the frames where the [B, F] mask is True (0 for none)."""
-    m = mask.to(x.dtype).unsqueeze(-1)
-    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
-
-
-def _looks_like_path(source: str) -> bool:
-    """Hub ids are 'name' or 'org/name'; anything else path-like is meant as a local folder."""
+def looks_like_path(source: str) -> bool:
+    """Whether an encoder source string is meant as a local folder, existing or not: hub ids are 'name'
+    or 'org/name', anything else path-like ('./x', '/x', 'a/b/c', 'x/', '~/x') is a folder."""
     return (
         source.startswith(("/", "./", "../", "~", "."))
         or source.endswith("/")
         or source.count("/") > 1
         or "\\" in source
     )
-
-
-def _config_from_dict(source: dict[str, Any]) -> PretrainedConfig:
-    values = dict(source)
-    model_type = values.pop("model_type", "wav2vec2")
-    if model_type not in MODEL_TYPES:
-        raise ValueError(f"unsupported model_type {model_type!r}; expected one of {sorted(MODEL_TYPES)}")
-    config_cls = MODEL_TYPES[model_type][0]
-    known = set(config_cls().to_dict())
-    unknown = sorted(set(values) - known)
-    if unknown:  # PretrainedConfig accepts any key silently: a typo would be ignored
-        raise ValueError(f"unknown {config_cls.__name__} keys in encoder source: {unknown}")
-    return config_cls(**values)
-
-
-def _overrides(config: PretrainedConfig) -> dict[str, Any]:
-    return _WHISPER_RUN_OVERRIDES if _family(config) == "whisper" else _RUN_OVERRIDES
-
-
-def _own_values(config: PretrainedConfig) -> dict[str, Any]:
-    return {k: getattr(config, k) for k in _overrides(config) if hasattr(config, k)}
 
 
 class SpeechEncoder(nn.Module):
@@ -274,8 +169,8 @@ class SpeechEncoder(nn.Module):
         self.source = source if isinstance(source, str) else dict(source)
         self.model, normalize_default, self._export_values = self._load(source)
         config = self.model.config
-        self.family = _family(config)
-        for key, value in _overrides(config).items():
+        self.family = hf.family(config)
+        for key, value in hf.run_overrides(config).items():
             setattr(config, key, value)
         self.normalize = normalize_default if normalize is None else bool(normalize)
         self.frame_layout = config_frame_layout(config)
@@ -307,8 +202,8 @@ class SpeechEncoder(nn.Module):
         """Build or load the HF model; returns it, the default for `normalize`, and the source's own
         values of the settings the run overrides (for export)."""
         if isinstance(source, dict):
-            config = _config_from_dict(source)
-            return SpeechEncoder._build(config), _family(config) != "whisper", _own_values(config)
+            config = hf.config_from_dict(source)
+            return hf.build(config), hf.family(config) != "whisper", hf.own_values(config)
         if not isinstance(source, str) or not source:
             raise ValueError(f"encoder source must be a hub name, a folder or a config dict, got {source!r}")
 
@@ -319,7 +214,7 @@ class SpeechEncoder(nn.Module):
                     f"encoder folder {folder} has no config.json (not an HF model folder)"
                 )
             where = str(folder)
-        elif _looks_like_path(source):
+        elif looks_like_path(source):
             hint = ""
             if folder.name.startswith("tiny"):
                 hint = " (the embedded tiny encoder is made by `make pretrain`; rewired ones by `make rewire`)"
@@ -335,70 +230,13 @@ class SpeechEncoder(nn.Module):
                 f"cannot load encoder {source!r}: not a local folder, and not a hub model that is cached "
                 f"or reachable ({e})"
             ) from e
-        if config.model_type not in MODEL_TYPES:
+        if config.model_type not in hf.MODEL_TYPES:
             raise ValueError(
-                f"encoder {source!r} is a {config.model_type!r} model; expected one of {sorted(MODEL_TYPES)}"
+                f"encoder {source!r} is a {config.model_type!r} model; expected one of {sorted(hf.MODEL_TYPES)}"
             )
-        # safetensors when the folder has them, else torch.load(weights_only=True); never remote code.
-        load = dict(use_safetensors=None, weights_only=True, trust_remote_code=False, dtype=torch.float32)
-        if _family(config) == "whisper":
-            # Only the encoder is kept (an export reloads the decoder): read just its tensors when the
-            # folder holds one safetensors file (tiny.en: 0.3 s instead of 1 s a process), else load the whole.
-            weights = folder / "model.safetensors"
-            if folder.exists() and weights.is_file():
-                model = SpeechEncoder._whisper_encoder_from(weights, config)
-            else:
-                model = WhisperForConditionalGeneration.from_pretrained(where, **load).model.encoder
-        else:
-            _, model_cls = MODEL_TYPES[config.model_type]
-            model = model_cls.from_pretrained(where, config=SpeechEncoder._build_config(config), **load)
-        return model, SpeechEncoder._read_do_normalize(where, folder.exists(), config), _own_values(config)
-
-    @staticmethod
-    def _whisper_encoder_from(weights: Path, config: PretrainedConfig) -> WhisperEncoder:
-        """The encoder of a WhisperForConditionalGeneration safetensors file, loaded strictly."""
-        from safetensors import safe_open
-
-        prefix = "model.encoder."
-        with safe_open(str(weights), framework="pt") as f:
-            state = {k[len(prefix) :]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}
-        if not state:
-            raise ValueError(f"{weights}: no {prefix}* tensors (not a WhisperForConditionalGeneration checkpoint)")
-        model = WhisperEncoder(config)
-        model.load_state_dict(state, strict=True)
-        return model.eval()
-
-    @staticmethod
-    def _build(config: PretrainedConfig) -> PreTrainedModel:
-        """A randomly initialised model for a config (Whisper: the encoder alone)."""
-        if _family(config) == "whisper":
-            return WhisperEncoder(config)
-        _, model_cls = MODEL_TYPES[config.model_type]
-        return model_cls(SpeechEncoder._build_config(config))
-
-    @staticmethod
-    def _build_config(config: PretrainedConfig) -> PretrainedConfig:
-        """HF creates the learned mask embedding only when mask_time_prob > 0: make sure it does."""
-        if not (config.mask_time_prob > 0 or config.mask_feature_prob > 0):
-            build = config.__class__.from_dict(config.to_dict())
-            build.mask_time_prob = 0.05
-            return build
-        return config
-
-    @staticmethod
-    def _read_do_normalize(where: str, local: bool, config: PretrainedConfig) -> bool:
-        default = _family(config) != "whisper"
-        if local:
-            path = Path(where) / "preprocessor_config.json"
-            if path.is_file():
-                return bool(json.loads(path.read_text()).get("do_normalize", default))
-            return default
-        if _family(config) == "whisper":
-            return default  # WhisperFeatureExtractor does not normalise unless asked per call
-        try:
-            return bool(Wav2Vec2FeatureExtractor.from_pretrained(where).do_normalize)
-        except OSError:
-            return default
+        local = folder.exists()
+        model = hf.load_pretrained(where, local, config)
+        return model, hf.read_do_normalize(where, local, config), hf.own_values(config)
 
     def describe(self) -> str:
         return (
@@ -416,7 +254,7 @@ class SpeechEncoder(nn.Module):
         try:
             yield config
         finally:
-            for key, value in _overrides(config).items():
+            for key, value in hf.run_overrides(config).items():
                 setattr(config, key, value)
 
     def fingerprint(self) -> str:
@@ -454,7 +292,9 @@ class SpeechEncoder(nn.Module):
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         if self.family == "whisper":
-            self._save_whisper(path)
+            source = self.source if isinstance(self.source, str) else None
+            with self._export_config() as config:
+                hf.save_whisper(path, self.model, config, source)
             return path
         with self._export_config():
             self.model.save_pretrained(path)
@@ -466,30 +306,6 @@ class SpeechEncoder(nn.Module):
             return_attention_mask=self.uses_attention_mask,
         ).save_pretrained(path)
         return path
-
-    # Files of a Whisper folder that belong to its tokenizer and decoding, copied into exports.
-    _WHISPER_SIDE_FILES = (
-        "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
-        "normalizer.json", "added_tokens.json", "special_tokens_map.json",
-    )  # fmt: skip
-
-    def _save_whisper(self, path: Path) -> None:
-        with self._export_config() as config:
-            if isinstance(self.source, str):
-                full = WhisperForConditionalGeneration.from_pretrained(
-                    self.source, use_safetensors=None, weights_only=True, dtype=torch.float32
-                )
-            else:
-                full = WhisperForConditionalGeneration(config)
-            full.model.encoder.load_state_dict(self.model.state_dict())
-            full.config.encoder_layerdrop = config.encoder_layerdrop
-            full.save_pretrained(path)
-        WhisperFeatureExtractor(feature_size=int(config.num_mel_bins)).save_pretrained(path)
-        if isinstance(self.source, str) and Path(self.source).expanduser().is_dir():
-            src = Path(self.source).expanduser()
-            for name in self._WHISPER_SIDE_FILES:
-                if (src / name).is_file() and Path(src / name).resolve() != (path / name).resolve():
-                    shutil.copyfile(src / name, path / name)
 
     # ---------------------------------------------------------------- protocol
     def configure(self, layers: int | str, freeze: bool) -> None:

@@ -33,7 +33,6 @@ dimension scores about 0.9).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import warnings
@@ -47,6 +46,7 @@ import torch
 from torch import Tensor
 
 from rewiring.files import write_json_atomic
+from rewiring.frames import masked_mean
 
 __all__ = [
     "SAMPLES_PER_DIM",
@@ -233,25 +233,15 @@ def _load_heldout(manifest: str | Path, max_items: int, seed: int = 0) -> tuple[
     """A seeded sample of `max_items` utterances of a manifest (the same on any machine: ordered by
     sha256 of seed and id), in manifest order, as 16 kHz waveforms."""
     from rewiring.audio import load_audio
-    from rewiring.manifest import audio_path, read_manifest
+    from rewiring.manifest import audio_path, order_key, read_manifest
 
     records = read_manifest(manifest)
     if len(records) > max_items:
-        keep = set(
-            sorted(
-                range(len(records)),
-                key=lambda i: hashlib.sha256(f"{seed}:{records[i].id}".encode()).hexdigest(),
-            )[:max_items]
-        )
+        keep = set(sorted(range(len(records)), key=lambda i: order_key(seed, records[i].id))[:max_items])
         records = [r for i, r in enumerate(records) if i in keep]
     if not records:
         raise ValueError(f"{manifest}: no utterances to measure isotropy on")
     return [r.id for r in records], [load_audio(audio_path(manifest, r), record=r) for r in records]
-
-
-def _masked_mean(h: Tensor, frame_mask: Tensor) -> Tensor:
-    m = frame_mask.to(h.dtype)[..., None]
-    return (h * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
 # ---------------------------------------------------------------------------- callback
@@ -308,7 +298,7 @@ class IsotropyCallback(L.Callback):
                 out = encoder(batch.waveforms, batch.attention_mask)
                 pooled.append(out.pooled.float().cpu())
                 if self.layers == "all":
-                    vectors = [_masked_mean(h.float(), out.frame_mask).cpu() for h in out.hidden_states]
+                    vectors = [masked_mean(h.float(), out.frame_mask).cpu() for h in out.hidden_states]
                     per_layer = per_layer or [[] for _ in vectors]
                     for bucket, v in zip(per_layer, vectors, strict=True):
                         bucket.append(v)
@@ -365,6 +355,7 @@ def encoder_profile(
     """
     from rewiring.audio import pad_batch
     from rewiring.encoder import SpeechEncoder
+    from rewiring.manifest import ids_hash
 
     if isinstance(encoder, SpeechEncoder):
         enc, name = encoder, encoder.describe()
@@ -415,7 +406,7 @@ def encoder_profile(
             rows = (rows - start).to(device)
             for k, h in states.items():
                 frames[k].append(h[rows, cols].cpu())
-                pooled[k].append(_masked_mean(h, out_b.frame_mask).cpu())
+                pooled[k].append(masked_mean(h, out_b.frame_mask).cpu())
     finally:
         enc.train(was_training)
 
@@ -423,7 +414,7 @@ def encoder_profile(
         "encoder": name,
         "manifest": str(manifest),
         "items": len(wavs),
-        "ids_sha256": hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16],
+        "ids_sha256": ids_hash(ids),
         "frames_total": total,
         "frames_sampled": int(picked.numel()),
         "dim": enc.hidden_size,

@@ -24,6 +24,7 @@ __all__ = [
     "Record",
     "audio_path",
     "ids_hash",
+    "order_key",
     "parse_amount",
     "read_manifest",
     "select_subset",
@@ -278,8 +279,9 @@ def parse_amount(s: str | float) -> float:
     return seconds
 
 
-def _order_key(seed: int, id_: str) -> str:
-    # sha256, not random/hash(): the same on every machine, Python version and PYTHONHASHSEED.
+def order_key(seed: int, id_: str) -> str:
+    """The seeded rank of an id (sorting by it draws a subset): sha256(f"{seed}:{id}"), not random or
+    hash(), so it is the same on every machine, Python version and PYTHONHASHSEED."""
     return hashlib.sha256(f"{seed}:{id_}".encode()).hexdigest()
 
 
@@ -338,7 +340,7 @@ def select_subset(
 
     chosen: set[str] = set()
     for key in sorted(strata):
-        ranked = sorted(strata[key], key=lambda r: _order_key(seed, r.id))
+        ranked = sorted(strata[key], key=lambda r: order_key(seed, r.id))
         if fraction is not None:
             n = max(1, min(len(ranked), math.floor(fraction * len(ranked) + 0.5)))
             take = ranked[:n]

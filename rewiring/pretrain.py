@@ -20,37 +20,51 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
-from rewiring.audio import BadAudio, Skipped, load_or_skip, pad_batch
+from rewiring.audio import MIN_SAMPLES, BadAudio, Skipped, load_or_skip, pad_batch
 from rewiring.encoder import SpeechEncoder
 from rewiring.manifest import Record, audio_path, read_manifest
+from rewiring.resume import ResumableCheckpoint, resumable_loader
 from rewiring.rewire import resolve_manifest
+from rewiring.skips import SkipLog, SkippableSteps
 
 log = logging.getLogger(__name__)
 
 
 class CropDataset(Dataset):
-    """Unlabelled utterances, randomly cropped to at most `crop_seconds` (wav2vec 2.0 trains on crops)."""
+    """Unlabelled utterances, randomly cropped to at most `crop_seconds` (wav2vec 2.0 trains on crops).
+
+    An item is (id, waveform), or a `Skipped` (with the id) for bad audio; ``min_samples`` is the
+    encoder's receptive field (`UnlabelledDataModule.set_min_samples`).
+    """
 
     def __init__(self, manifest: Path, records: list[Record], crop_seconds: float, on_bad_audio: BadAudio) -> None:
         self.manifest, self.records = manifest, records
         self.crop = int(crop_seconds * 16000)
         self.on_bad_audio = on_bad_audio
+        self.min_samples = MIN_SAMPLES
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def __getitem__(self, i: int) -> Tensor | Skipped:
+    def __getitem__(self, i: int) -> tuple[str, Tensor] | Skipped:
         rec = self.records[i]
-        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, record=rec)
-        if isinstance(wav, Tensor) and wav.shape[-1] > self.crop:
+        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, record=rec, min_samples=self.min_samples)
+        if isinstance(wav, Skipped):
+            return wav.named(rec.id)
+        if wav.shape[-1] > self.crop:
             start = int(torch.randint(0, wav.shape[-1] - self.crop + 1, ()).item())
             wav = wav[start : start + self.crop]
-        return wav
+        return rec.id, wav
 
 
-def _collate(items: list[Tensor | Skipped]):
-    good = [w for w in items if isinstance(w, Tensor)]
-    return pad_batch(good), len(items) - len(good)
+def _collate(items: list[tuple[str, Tensor] | Skipped]) -> dict:
+    """{"wave": the padded waveforms (None if every item was skipped), "ids": theirs, "skipped": [(id, reason)]}."""
+    good = [it for it in items if not isinstance(it, Skipped)]
+    return {
+        "wave": pad_batch([w for _, w in good]) if good else None,
+        "ids": [u for u, _ in good],
+        "skipped": [(it.id, it.code) for it in items if isinstance(it, Skipped)],
+    }
 
 
 class UnlabelledDataModule(LightningDataModule):
@@ -61,7 +75,7 @@ class UnlabelledDataModule(LightningDataModule):
         crop_seconds: longest crop per utterance.
         batch_size: utterances per step.
         num_workers: data-loader workers.
-        on_bad_audio: `error` or `skip` (logged and counted).
+        on_bad_audio: `error` (raised, naming the file) or `skip` (logged and counted per reason).
     """
 
     def __init__(
@@ -79,14 +93,23 @@ class UnlabelledDataModule(LightningDataModule):
         self.num_workers = num_workers
         self.on_bad_audio = on_bad_audio
         self.dataset: CropDataset | None = None
+        self.min_samples = MIN_SAMPLES
+
+    def set_min_samples(self, min_samples: int) -> None:
+        """The encoder's receptive field: shorter audio is "too_short" (PretrainModule.setup calls this)."""
+        self.min_samples = int(min_samples)
+        if self.dataset is not None:
+            self.dataset.min_samples = self.min_samples
 
     def setup(self, stage: str | None = None) -> None:
         if self.dataset is None:
             path = resolve_manifest(self.manifest)
             self.dataset = CropDataset(path, read_manifest(path), self.crop_seconds, self.on_bad_audio)
+            self.dataset.min_samples = self.min_samples
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(
+        # resumes mid-epoch (rewiring/resume.py); shuffle=True is a ResumableShuffle from the run's seed
+        return resumable_loader(
             self.dataset,
             batch_size=self.batch_size,
             shuffle=True,
@@ -97,8 +120,12 @@ class UnlabelledDataModule(LightningDataModule):
         )
 
 
-class PretrainModule(LightningModule):
+class PretrainModule(SkippableSteps, LightningModule):
     """Masked contrastive + diversity loss (wav2vec 2.0) on the encoder's own model.
+
+    Skipped utterances are counted per reason (rewiring.skips: ``data/skipped/train/<reason>``,
+    convergence.json, a warning at the end); a batch with fewer than two utterances left, or a
+    non-finite loss, takes a step without an update.
 
     Args:
         encoder: the SpeechEncoder to pre-train (its config needs the quantizer settings, as
@@ -110,6 +137,9 @@ class PretrainModule(LightningModule):
         optimizer: optimizer factory (AdamW).
         scheduler: learning-rate schedule factory (linear warm-up then decay by default).
         export_dir: the HF folder the pre-trained encoder is saved to.
+        checkpoint_every_n_steps: write last.ckpt every this many steps, at each epoch's end and at
+            the end of training, so a killed run resumes from there exactly (rewiring/resume.py);
+            None: at epoch ends and at the end only.
     """
 
     def __init__(
@@ -124,6 +154,7 @@ class PretrainModule(LightningModule):
         optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=5e-4, weight_decay=0.01),
         scheduler: LRSchedulerCallable | None = None,
         export_dir: str = "data/encoders/tiny",
+        checkpoint_every_n_steps: int | None = 500,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "optimizer", "scheduler"])
@@ -139,18 +170,33 @@ class PretrainModule(LightningModule):
         self.gumbel_start, self.gumbel_end = gumbel_start, gumbel_end
         self.optimizer, self.scheduler = optimizer, scheduler
         self.export_dir = export_dir
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
+        self.skips = SkipLog()  # utterances skipped, per reason
+
+    def setup(self, stage: str) -> None:
+        """The encoder's receptive field to the data module, and its utterances to count."""
+        dm = self.trainer.datamodule if self.trainer is not None else None
+        if isinstance(dm, UnlabelledDataModule):
+            dm.set_min_samples(self.encoder.min_samples)
+            if dm.dataset is not None:
+                self.skips.track("train", [r.id for r in dm.dataset.records], self.device)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["skipped"] = self.skips.state()  # a resumed fit goes on counting
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.skips.load(checkpoint.get("skipped"))
 
     def _gumbel(self) -> float:
         total = max(1, self.trainer.max_steps if self.trainer and self.trainer.max_steps > 0 else 1000)
         frac = min(1.0, self.global_step / total)
         return self.gumbel_start * (self.gumbel_end / self.gumbel_start) ** frac
 
-    def training_step(self, batch, batch_idx: int) -> Tensor | None:
-        wave, skipped = batch
-        if skipped:
-            self.log("data/skipped", float(skipped), reduce_fx="sum")
-        if len(wave) < 2:
-            return None
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        wave = batch["wave"]
+        self.skips.update("train", batch["ids"], batch["skipped"])
+        if wave is None or len(wave) < 2:
+            return self.skip_step()  # no negatives to draw: a step without an update (rewiring.skips)
         frames = self.encoder.frame_lengths(wave.lengths)
         n_frames = int(self.encoder.frame_lengths(wave.waveforms.shape[-1]))
         frame_mask = (torch.arange(n_frames)[None, :] < frames[:, None]).long()
@@ -173,7 +219,7 @@ class PretrainModule(LightningModule):
         loss = contrastive + self.diversity_weight * diversity
         if not torch.isfinite(loss):
             log.warning("non-finite pre-training loss at step %d; batch skipped", self.global_step)
-            return None
+            return self.skip_step()
         bs = len(wave)
         self.log("train/loss", loss, prog_bar=True, batch_size=bs)
         self.log("train/contrastive", contrastive, batch_size=bs)
@@ -196,6 +242,17 @@ class PretrainModule(LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+            self.skips.log(self.trainer, ("train",))
+
+    def on_train_end(self) -> None:
+        self.skips.finish(self.trainer, ("train",))  # logged, kept for convergence.json, warned
+
+    def configure_callbacks(self):
+        """last.ckpt every `checkpoint_every_n_steps` and at the end (no dev metric, no top-k)."""
+        return [ResumableCheckpoint(save_top_k=0, every_n_train_steps=self.checkpoint_every_n_steps)]
 
     def on_fit_end(self) -> None:
         if self.trainer.is_global_zero:

@@ -17,7 +17,6 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Literal
 
@@ -28,11 +27,14 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from rewiring.audio import BadAudio, BucketBatchSampler, Skipped, load_or_skip, pad_batch
-from rewiring.encoder import FrameLayout, SpeechEncoder, masked_mean
+from rewiring.audio import MIN_SAMPLES, BadAudio, BucketBatchSampler, Skipped, load_or_skip, pad_batch
+from rewiring.encoder import SpeechEncoder
 from rewiring.files import write_json_atomic
+from rewiring.frames import FrameLayout, masked_mean
 from rewiring.manifest import Record, audio_path, read_manifest
 from rewiring.masking import span_mask, time_masks
+from rewiring.resume import ResumableCheckpoint, resumable_loader
+from rewiring.skips import SkipLog, SkippableSteps
 from rewiring.synthesis import SynthesisCache, SynthesisError, Synthesizer
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,9 @@ def pair_kind(pairing: Pairing, seed: int, rec_id: str) -> str:
 
 
 class PairDataset(Dataset):
-    """One positive pair per item; `None` (counted by reason in the batch) when an item can't be paired.
+    """One positive pair per item; a `Skipped` (its id and reason, counted by the module) when an item
+    can't be paired: bad audio (`rewiring.audio` codes), "no_text" or "unsayable" (the neutral view).
+    ``min_samples`` is the encoder's receptive field (set by `RewiringDataModule.set_min_samples`).
 
     Utterances over `halve_over` seconds are cut in half, the TTS view the same way. `halve_mode`:
     - "both": each half is an item of its own (an epoch sees both halves);
@@ -96,6 +100,7 @@ class PairDataset(Dataset):
         self.seed = seed
         self.on_bad_audio = on_bad_audio
         self.halve_mode = halve_mode
+        self.min_samples = MIN_SAMPLES
         # (record, half, parts): half is fixed under "both" and comes with the key under "alternate"
         self.items: list[tuple[Record, int, int]] = []
         for rec in records:
@@ -115,7 +120,7 @@ class PairDataset(Dataset):
         half = wav.shape[-1] // 2
         return wav[:half] if k == 0 else wav[half:]
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict | tuple[None, str]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict | Skipped:
         i, half = key if isinstance(key, tuple) else (key, 0)
         rec, k, parts = self.items[i]
         if self.halve_mode == "alternate" and parts == 2:
@@ -125,10 +130,10 @@ class PairDataset(Dataset):
         kind = self.kind(rec)
         if kind == "neutral" and not rec.text:
             log.warning("no text to synthesise for %s (%s): skipped", rec.id, self.manifest)
-            return (None, "no_text")
-        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, record=rec)
+            return Skipped(str(audio_path(self.manifest, rec)), "no_text", "no text to synthesise", id=rec.id)
+        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, record=rec, min_samples=self.min_samples)
         if isinstance(wav, Skipped):
-            return (None, wav.code)  # counted per reason: too_short, not_found, ...
+            return wav.named(rec.id)  # counted per reason: too_short, not_found, ...
         wav = self._part(wav, k, parts)
         if kind == "twin":
             other = span_mask(wav, self.span_share)
@@ -137,7 +142,7 @@ class PairDataset(Dataset):
                 other = self._part(self.cache.get(rec.text), k, parts)
             except SynthesisError as err:
                 log.warning("cannot synthesise %s (%s): %s; skipped", rec.id, self.manifest, err)
-                return (None, "unsayable")
+                return Skipped(str(audio_path(self.manifest, rec)), "unsayable", str(err), id=rec.id)
         return {"id": rec.id, "kind": kind, "view1": wav, "view2": other}
 
 
@@ -155,6 +160,10 @@ class HalfSampler(Sampler):
     draws the same order (Lightning then wraps it in its DistributedSamplerWrapper, which splits that
     order between ranks). Lightning calls `set_epoch` before each epoch; each pass also moves on one
     epoch, for loops (and that wrapper) that do not call it.
+
+    Resumable (torchdata's StatefulDataLoader): `state_dict()` is the pass's epoch and the keys it has
+    yielded (with `batches`: their state and the position reached; a finished pass gives the next
+    one from its start); `load_state_dict` makes the next pass continue from there.
     """
 
     def __init__(self, n_items: int, seed: int, batches: Sampler[list[int]] | None = None) -> None:
@@ -162,6 +171,8 @@ class HalfSampler(Sampler):
         self.seed = seed
         self.batches = batches
         self.epoch = 0
+        self._skip = 0  # keys (or, with batches, the position) already consumed: load_state_dict
+        self._pass: list[int] | None = None  # [epoch, keys yielded] (with batches: [batches, position])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -170,16 +181,42 @@ class HalfSampler(Sampler):
         return len(self.batches) if self.batches is not None else self.n_items
 
     def __iter__(self):
+        skip, self._skip = self._skip, 0
         if self.batches is not None:
-            position = 0
+            self._pass = [0, skip]  # the position goes on where the bucketing sampler's pass does
             for batch in self.batches:
+                position = self._pass[1]
+                self._pass[0] += 1
+                self._pass[1] += len(batch)
                 yield [(i, (position + k) % 2) for k, i in enumerate(batch)]
-                position += len(batch)
             return
         g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        self._pass = [self.epoch, skip]
         self.epoch += 1
-        for position, i in enumerate(torch.randperm(self.n_items, generator=g).tolist()):
+        for i in torch.randperm(self.n_items, generator=g).tolist()[skip:]:
+            position = self._pass[1]
+            self._pass[1] += 1
             yield (i, position % 2)
+
+    def state_dict(self) -> dict:
+        if self.batches is not None:
+            inner = self.batches.state_dict()
+            count, position = self._pass if self._pass is not None else (0, self._skip)
+            if count and inner.get("yielded") == 0:  # its pass ended (it gives the next, from 0): so ours
+                position = 0
+            return {"position": position, "batches": inner}
+        epoch, yielded = self._pass if self._pass is not None else (self.epoch, self._skip)
+        if yielded >= self.n_items:  # a finished pass: the next one, so a resumed epoch is never empty
+            epoch, yielded = epoch + 1, 0
+        return {"epoch": epoch, "yielded": yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._pass = None
+        if self.batches is not None:
+            self.batches.load_state_dict(state["batches"])
+            self._skip = int(state["position"])
+        else:
+            self.epoch, self._skip = int(state["epoch"]), int(state["yielded"])
 
 
 class PairCollate:
@@ -209,8 +246,8 @@ class PairCollate:
 
     def __call__(self, items: list) -> dict:
         good = [it for it in items if isinstance(it, dict)]
-        skipped = Counter(it[1] for it in items if not isinstance(it, dict))
-        out = {"ids": [it["id"] for it in good], "skipped": dict(skipped), "size": len(good)}
+        skipped = [(it.id, it.code) for it in items if isinstance(it, Skipped)]
+        out = {"ids": [it["id"] for it in good], "skipped": skipped, "size": len(good)}
         if len(good) >= 2:
             out["view1"] = self._view([it["view1"] for it in good])
             out["view2"] = self._view([it["view2"] for it in good])
@@ -229,7 +266,8 @@ class RewiringDataModule(LightningDataModule):
         span_share: share of the waveform zeroed in the twin view (the paper: 0.2).
         mask_prob, mask_span, min_masks: time masks over feature frames (the paper: 0.05, 10, 2).
             mask_prob=0 turns them off.
-        max_seconds: skip utterances longer than this (the paper: 11.25).
+        max_seconds: skip utterances longer than this (the paper: 11.25; null: none, which a 10-minute
+            file turns into a multi-GB batch).
         max_items: use a fixed, seeded subset of this many utterances (None: all), e.g. exactly the
             ones a short run draws, so that the TTS pre-fill says no text the run never uses.
         halve_over: cut utterances longer than this in half, both views alike (the paper: 5.625).
@@ -259,7 +297,7 @@ class RewiringDataModule(LightningDataModule):
         mask_prob: float = 0.05,
         mask_span: int = 10,
         min_masks: int = 2,
-        max_seconds: float | None = None,
+        max_seconds: float | None = 30.0,
         max_items: int | None = None,
         halve_over: float | None = None,
         halve_mode: HalveMode = "both",
@@ -299,26 +337,43 @@ class RewiringDataModule(LightningDataModule):
         self.collate = PairCollate(mask_prob, mask_span, min_masks)
         self.dataset: PairDataset | None = None
         self.skipped_long = 0
+        self.too_long: list[str] = []  # ids of the run's utterances left out as over max_seconds
+        self.min_samples = MIN_SAMPLES
 
     def set_frame_layout(self, layout: FrameLayout) -> None:
         """The encoder's frame arithmetic, for the time masks (RewiringModule.setup calls this in a fit)."""
         self.collate.layout = layout
 
+    def set_min_samples(self, min_samples: int) -> None:
+        """The encoder's receptive field: shorter audio is skipped as "too_short" (or, under
+        on_bad_audio=error, raised naming the file). RewiringModule.setup calls this in a fit."""
+        self.min_samples = int(min_samples)
+        if self.dataset is not None:
+            self.dataset.min_samples = self.min_samples
+
     def _records(self) -> tuple[Path, list[Record]]:
-        """The manifest's records, less those over max_seconds (counted and logged)."""
+        """The manifest's records, less those over max_seconds (logged; counted as skipped "too_long"
+        unless max_items then draws a subset of the others: none of the subset was left out)."""
         path = resolve_manifest(self.manifest)
         records = read_manifest(path)
+        self.too_long = []
         if self.max_seconds is not None:
             kept = [r for r in records if r.duration <= self.max_seconds]
+            self.too_long = [r.id for r in records if r.duration > self.max_seconds]
             self.skipped_long = len(records) - len(kept)
             if self.skipped_long:
-                log.info("skipped %d utterances over %.2f s in %s", self.skipped_long, self.max_seconds, path)
+                log.warning("skipped %d utterances over %.2f s in %s", self.skipped_long, self.max_seconds, path)
             records = kept
         if self.max_items is not None and len(records) > self.max_items:
             # A fixed subset, the same on every machine: the items whose (seed, id) hashes lowest.
             records = sorted(records, key=lambda r: hashlib.sha256(f"{self.seed}:{r.id}".encode()).digest())
             records = sorted(records[: self.max_items], key=lambda r: r.id)
+            self.too_long = []
         return path, records
+
+    def utterances(self) -> list[str]:
+        """The ids of the run's utterances (after setup): its items' and those left out as too long."""
+        return list(dict.fromkeys([*(rec.id for rec, _, _ in self.dataset.items), *self.too_long]))
 
     def _cache(self) -> SynthesisCache | None:
         if self.pairing not in ("neutral", "mixed"):
@@ -357,6 +412,7 @@ class RewiringDataModule(LightningDataModule):
             path, records, self.pairing, cache, self.span_share, self.seed, self.halve_over,
             self.on_bad_audio, halve_mode=self.halve_mode,
         )  # fmt: skip
+        self.dataset.min_samples = self.min_samples
         if len(self.dataset) < self.batch_size:
             raise ValueError(f"{path}: {len(self.dataset)} usable utterances, fewer than batch_size={self.batch_size}")
 
@@ -372,13 +428,14 @@ class RewiringDataModule(LightningDataModule):
             sampler = BucketBatchSampler(durations, self.batch_size, self.seed)
             if alternate:
                 sampler = HalfSampler(len(self.dataset), self.seed, batches=sampler)
-            return DataLoader(self.dataset, batch_sampler=sampler, **common)
+            return resumable_loader(self.dataset, batch_sampler=sampler, **common)
         if alternate:  # the sampler shuffles (seeded per epoch) and hands each item its half
             sampler = HalfSampler(len(self.dataset), self.seed)
-            return DataLoader(
+            return resumable_loader(
                 self.dataset, sampler=sampler, batch_size=self.batch_size, drop_last=True, **common
             )
-        return DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, **common)
+        # Every one resumes mid-epoch (rewiring/resume.py): this one on a ResumableShuffle.
+        return resumable_loader(self.dataset, batch_size=self.batch_size, shuffle=True, drop_last=True, **common)
 
 
 def nt_xent(z1: Tensor, z2: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
@@ -421,8 +478,12 @@ def learning_summary(history: list[tuple[int, float, float, int]], skipped: dict
     }
 
 
-class RewiringModule(LightningModule):
+class RewiringModule(SkippableSteps, LightningModule):
     """Encode both views with the one shared encoder, pool, and optimise NT-Xent over the batch.
+
+    Skipped utterances are counted per reason (rewiring.skips): ``data/skipped/train/<reason>`` in
+    TensorBoard, the ``skipped`` section of rewiring.json (and convergence.json), a warning at the
+    end. A batch with fewer than two pairs left takes a step without an update.
 
     Args:
         encoder: the SpeechEncoder being rewired (every parameter trained unless its config freezes some).
@@ -438,6 +499,9 @@ class RewiringModule(LightningModule):
         transcription_check: for a Whisper encoder from a folder or hub name, have the source's decoder
             transcribe piper sentences through the source and the rewired encoder at the end
             (`<export_dir>/transcription.json`, ~10 s for tiny.en): what rewiring costs the decoder.
+        checkpoint_every_n_steps: write last.ckpt every this many steps, at each epoch's end and at
+            the end of training, so a killed run resumes from there exactly (rewiring/resume.py);
+            None: at epoch ends and at the end only.
     """
 
     def __init__(
@@ -451,6 +515,7 @@ class RewiringModule(LightningModule):
         isotropy_manifest: str | None = None,
         isotropy_every_n_steps: int = 50,
         transcription_check: bool = True,
+        checkpoint_every_n_steps: int | None = 500,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -464,11 +529,12 @@ class RewiringModule(LightningModule):
         self.isotropy_manifest = isotropy_manifest
         self.isotropy_every_n_steps = isotropy_every_n_steps
         self.transcription_check = transcription_check
+        self.checkpoint_every_n_steps = checkpoint_every_n_steps
         self.projection = None
         if projection_dim is not None:
             d = encoder.hidden_size
             self.projection = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, projection_dim))
-        self.skipped: Counter = Counter()
+        self.skips = SkipLog()  # utterances skipped, per reason
         self._isotropy_before: dict | None = None
         # (step, loss, match accuracy, pairs) per training step on rank 0: rewiring.json's learning summary.
         self._history: list[tuple[int, float, float, int]] = []
@@ -493,22 +559,39 @@ class RewiringModule(LightningModule):
         return self.all_gather(z, sync_grads=True).flatten(0, 1)
 
     def setup(self, stage: str) -> None:
-        """Hand the encoder's frame layout to the pair collate (before Lightning builds the loaders)."""
+        """Hand the encoder's frame layout and receptive field to the data module (before Lightning
+        builds the loaders), and count its utterances (those left out as too long are skipped already)."""
         dm = self.trainer.datamodule if self.trainer is not None else None
         if isinstance(dm, RewiringDataModule):
             dm.set_frame_layout(self.encoder.frame_layout)
+            dm.set_min_samples(self.encoder.min_samples)
+            if dm.dataset is not None:
+                self.skips.track("train", dm.utterances(), self.device)
+                self.skips.update("train", [], [(u, "too_long") for u in dm.too_long])
 
     def on_fit_start(self) -> None:
-        if self.isotropy_manifest and self.trainer.is_global_zero:
+        # A resumed fit has the source encoder's isotropy from its checkpoint.
+        if self.isotropy_manifest and self.trainer.is_global_zero and self._isotropy_before is None:
             self._isotropy_before = self._isotropy()
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        for reason, n in batch["skipped"].items():
-            self.skipped[reason] += n
-        if self.skipped:
-            self.log("data/skipped", float(sum(self.skipped.values())), reduce_fx="max")
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """What rewiring.json and isotropy.json are made of, so a resumed fit writes the whole run's."""
+        checkpoint["rewiring"] = {
+            "history": list(self._history),
+            "skipped": self.skips.state(),
+            "isotropy_before": self._isotropy_before,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("rewiring", {})
+        self._history = [tuple(h) for h in saved.get("history", [])]
+        self.skips.load(saved.get("skipped"))
+        self._isotropy_before = saved.get("isotropy_before")
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        self.skips.update("train", batch["ids"], batch["skipped"])
         if batch["size"] < 2:
-            return None  # nothing to contrast; Lightning skips the step
+            return self.skip_step()  # nothing to contrast: a step without an update (rewiring.skips)
         z1 = self._gather(self.embed(batch["view1"]))
         z2 = self._gather(self.embed(batch["view2"]))
         loss, acc = nt_xent(z1, z2, self.temperature)
@@ -520,17 +603,26 @@ class RewiringModule(LightningModule):
         self.log("train/contrast_pairs", float(z1.shape[0]), batch_size=z1.shape[0])
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.trainer.global_step % self.trainer.log_every_n_steps == 0:
+            self.skips.log(self.trainer, ("train",))
+
+    def on_train_end(self) -> None:
+        self.skips.finish(self.trainer, ("train",))  # logged, kept for the JSON files, warned
+
     def configure_optimizers(self):
         return self.optimizer(self.parameters())
 
     def configure_callbacks(self):
-        """Isotropy of the held-out set, logged as training goes (the same set as isotropy.json)."""
+        """last.ckpt every `checkpoint_every_n_steps` and at the end; the isotropy of the held-out set,
+        logged as training goes (the same set as isotropy.json)."""
+        callbacks = [ResumableCheckpoint(save_top_k=0, every_n_train_steps=self.checkpoint_every_n_steps)]
         if not self.isotropy_manifest:
-            return []
+            return callbacks
         from rewiring.isotropy import IsotropyCallback
 
         manifest = str(resolve_manifest(self.isotropy_manifest))
-        return [IsotropyCallback(manifest=manifest, every_n_steps=self.isotropy_every_n_steps)]
+        return [*callbacks, IsotropyCallback(manifest=manifest, every_n_steps=self.isotropy_every_n_steps)]
 
     def _isotropy(self) -> dict:
         from rewiring.isotropy import encoder_profile
@@ -538,16 +630,15 @@ class RewiringModule(LightningModule):
         return encoder_profile(self.encoder, resolve_manifest(self.isotropy_manifest), layers="pooled")
 
     def on_fit_end(self) -> None:
-        if self.skipped:
-            log.warning("rewiring skipped %s", dict(self.skipped))
+        skipped = self.skips.final  # {"train": {"utterances", "drawn", "used", "skipped": {reason: n}}}
         if not self.export_dir or not self.trainer.is_global_zero:
             return
         out = Path(self.export_dir)
         self.encoder.save_pretrained(out)
         if self.isotropy_manifest:
-            report = {"before": self._isotropy_before, "after": self._isotropy(), "skipped": dict(self.skipped)}
+            report = {"before": self._isotropy_before, "after": self._isotropy(), "skipped": skipped}
             (out / "isotropy.json").write_text(json.dumps(report, indent=2))
-        write_json_atomic(out / "rewiring.json", learning_summary(self._history, dict(self.skipped)))
+        write_json_atomic(out / "rewiring.json", learning_summary(self._history, skipped))
         if self.transcription_check and self.encoder.family == "whisper" and isinstance(self.encoder.source, str):
             # The kept decoder, unchanged, reads the rewired encoder: how much of its transcription survives.
             from rewiring.whisper import transcription_report

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 
-from rewiring.encoder import SpeechEncoder, masked_mean
+from rewiring.encoder import SpeechEncoder
+from rewiring.frames import masked_mean
 from rewiring.manifest import Record
 from tasks.data import TaskBatch, TaskDataModule
 from tasks.module import Stage, TaskModule

@@ -264,4 +264,5 @@ class CTCTaskModule(TaskModule):
         self._blank_check("val")
 
     def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
         self._blank_check("test")

@@ -12,7 +12,7 @@ the same head) and ``target(record)`` (one record's target, using ``self.spec``)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -20,11 +20,13 @@ import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
-from rewiring.audio import BadAudio, BucketBatchSampler, Skipped, load_or_skip, pad_batch
+from rewiring.audio import MIN_SAMPLES, BadAudio, BucketBatchSampler, Skipped, load_or_skip, pad_batch
 from rewiring.corpus import ensure_corpus, is_embedded_root
 from rewiring.manifest import Record, audio_path, ids_hash, read_manifest, select_subset
+from rewiring.resume import ResumableWeightedSampler, resumable_loader
+from rewiring.skips import SkippedBatch
 from tasks.features import FeatureCache
 
 __all__ = ["SPLITS", "Item", "ManifestDataset", "TaskBatch", "TaskDataModule"]
@@ -50,6 +52,7 @@ class TaskBatch:
     lengths: Tensor  # [B] long, real samples per row
     ids: list[str]
     targets: Any
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) of the items left out
 
     def __len__(self) -> int:
         return self.waveforms.shape[0]
@@ -60,6 +63,8 @@ class ManifestDataset(Dataset):
 
     ``crop_seconds`` (training only): a longer utterance is read as one random window of that length
     (only the window is decoded); ``None`` reads whole files (evaluation always does).
+    ``min_samples``: the encoder's receptive field (`SpeechEncoder.min_samples`); shorter audio is
+    bad audio ("too_short").
     """
 
     def __init__(
@@ -71,6 +76,7 @@ class ManifestDataset(Dataset):
         on_bad_audio: BadAudio = "skip",
         max_seconds: float | None = None,
         crop_seconds: float | None = None,
+        min_samples: int = MIN_SAMPLES,
     ) -> None:
         self.manifest = Path(manifest)
         self.records = records
@@ -78,21 +84,26 @@ class ManifestDataset(Dataset):
         self.on_bad_audio = on_bad_audio
         self.max_seconds = max_seconds
         self.crop_seconds = crop_seconds
+        self.min_samples = min_samples
 
     def __len__(self) -> int:
         return len(self.records)
 
+    def load(self, rec: Record, **kw: Any) -> Tensor | Skipped:
+        """`load_or_skip` of one record with this dataset's rules; a skip carries the record's id."""
+        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, record=rec, min_samples=self.min_samples, **kw)
+        return wav.named(rec.id) if isinstance(wav, Skipped) else wav
+
     def __getitem__(self, i: int) -> Item | Skipped:
         rec = self.records[i]
-        path = audio_path(self.manifest, rec)
         if self.crop_seconds is not None and rec.duration > self.crop_seconds:
             # torch's RNG: seeded by seed_everything, and per worker by the DataLoader.
             offset = float(torch.rand(())) * (rec.duration - self.crop_seconds)
-            wav = load_or_skip(path, self.on_bad_audio, record=rec, offset=offset, duration=self.crop_seconds)
+            wav = self.load(rec, offset=offset, duration=self.crop_seconds)
         else:
-            wav = load_or_skip(path, self.on_bad_audio, record=rec, max_seconds=self.max_seconds)
+            wav = self.load(rec, max_seconds=self.max_seconds)
         if isinstance(wav, Skipped):
-            return wav  # the bad file and its reason code, left out by the collate
+            return wav  # the bad file and its reason code, left out (and counted) by the collate
         return Item(id=rec.id, wav=wav, target=self.target_fn(rec))
 
     def crop_target(self, target: Any, offset: float, seconds: float) -> Any:
@@ -118,7 +129,8 @@ class TaskDataModule(LightningDataModule, ABC):
         batch_size: utterances per batch.
         num_workers: DataLoader workers.
         max_seconds: longer files count as bad audio (see on_bad_audio); None: no limit.
-        on_bad_audio: "skip" logs a warning naming the file and drops it from the batch; "error" raises.
+        on_bad_audio: "skip" logs a warning naming the file, drops it from the batch and counts it per
+            reason (rewiring.skips); "error" raises `AudioError` naming the file.
         bucket_by_length: batch training utterances of similar length (less padding); False: plain shuffle.
     """
 
@@ -159,6 +171,8 @@ class TaskDataModule(LightningDataModule, ABC):
         self.train_ids_hash: str | None = None
         # Set by TaskModule.setup under protocol superb: cached hidden states instead of audio.
         self.features: FeatureCache | None = None
+        # The encoder's receptive field: TaskModule.setup sets it from the real encoder.
+        self.min_samples = MIN_SAMPLES
 
     # ------------------------------------------------------------ hooks for the tasks
     @abstractmethod
@@ -278,13 +292,16 @@ class TaskDataModule(LightningDataModule, ABC):
             on_bad_audio=self.on_bad_audio,
             max_seconds=self.max_seconds,
             crop_seconds=self.train_crop_seconds if split == "train" else None,
+            min_samples=self.min_samples,
         )
 
-    def collate(self, items: list[Item | None]) -> TaskBatch | None:
-        """Pad the loaded items; items dropped as bad audio are left out (a batch of none gives None)."""
-        items = [it for it in items if it is not None and not isinstance(it, Skipped)]
+    def collate(self, items: list[Item | Skipped | None]) -> TaskBatch | SkippedBatch:
+        """Pad the loaded items; items skipped as bad audio are left out and listed (id, reason) in the
+        batch, to be counted; a batch of none is a `SkippedBatch` (never None: see rewiring.skips)."""
+        skipped = [(it.id, it.code) for it in items if isinstance(it, Skipped)]
+        items = [it for it in items if isinstance(it, Item)]
         if not items:
-            return None
+            return SkippedBatch(skipped)
         wb = pad_batch([it.wav for it in items])
         return TaskBatch(
             waveforms=wb.waveforms,
@@ -292,6 +309,7 @@ class TaskDataModule(LightningDataModule, ABC):
             lengths=wb.lengths,
             ids=[it.id for it in items],
             targets=self.collate_targets([it.target for it in items]),
+            skipped=skipped,
         )
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
@@ -304,16 +322,22 @@ class TaskDataModule(LightningDataModule, ABC):
             # One epoch = len(split) draws with replacement; it takes precedence over bucket_by_length.
             # Seeded from the run's seed; under DDP Lightning wraps it in a DistributedSamplerWrapper.
             g = torch.Generator().manual_seed(torch.initial_seed() % 2**31)
-            sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=g)
-            return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
+            sampler = ResumableWeightedSampler(weights, num_samples=len(weights), generator=g)  # with replacement
+            return resumable_loader(dataset, batch_size=self.batch_size, sampler=sampler, **common)
         if shuffle and self.bucket_by_length:
             # Similar lengths in a batch: padding drops from ~1.3-2x the real audio to ~1.2-1.4x
             # (benchmarks/results.md). The run's seed (seed_everything) drives the shuffle.
             crop = self.train_crop_seconds
             durations = [min(r.duration, crop) if crop else r.duration for r in self.records[split]]
             sampler = BucketBatchSampler(durations, self.batch_size, seed=torch.initial_seed() % 2**31, drop_last=False)
-            return DataLoader(dataset, batch_sampler=sampler, **common)
-        return DataLoader(dataset, batch_size=self.batch_size, shuffle=shuffle, **common)
+            return resumable_loader(dataset, batch_sampler=sampler, **common)
+        if shuffle:  # training loaders resume mid-epoch (rewiring/resume.py)
+            return resumable_loader(dataset, batch_size=self.batch_size, shuffle=True, **common)
+        # Evaluation ones start over, their workers' base seed from a generator of their own: a
+        # resumed fit makes its (persistent) validation iterator later than the killed one did, and
+        # that must not move the training's random stream.
+        generator = torch.Generator().manual_seed(0)
+        return DataLoader(dataset, batch_size=self.batch_size, shuffle=False, generator=generator, **common)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

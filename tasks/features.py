@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,21 +41,21 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from rewiring.audio import SAMPLE_RATE, AudioError, Reason, Skipped
+from rewiring.audio import SAMPLE_RATE, AudioError, Reason, Skipped, load_audio
+from rewiring.feature_fill import FillReport, fill
 from rewiring.features import (
     GB,
     FeatureCacheError,
     FeatureStore,
-    FillReport,
     Utterance,
     estimate,
-    fill,
     room,
     source_of,
     unreadable,
     utterance,
 )
 from rewiring.manifest import Record, audio_path, read_manifest
+from rewiring.skips import SkippedBatch
 
 if TYPE_CHECKING:
     from tasks.data import ManifestDataset, TaskDataModule
@@ -92,6 +92,7 @@ class FeatureBatch:
     lengths: Tensor  # [B] long: the samples of audio each row stands for (as TaskBatch.lengths)
     ids: list[str]
     targets: Any
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (id, reason) of the items left out
 
     def __len__(self) -> int:
         return self.hidden.shape[1]
@@ -102,15 +103,17 @@ class FeatureBatch:
 
 
 class FeatureCollate:
-    """Pad `FeatureItem`s into a `FeatureBatch`; items dropped as bad audio are left out (none: None)."""
+    """Pad `FeatureItem`s into a `FeatureBatch`; items skipped as bad audio are left out and listed
+    (id, reason), to be counted, as the live collate does (none kept: a `SkippedBatch`)."""
 
     def __init__(self, collate_targets: Callable[[list[Any]], Any]) -> None:
         self.collate_targets = collate_targets
 
-    def __call__(self, items: list[FeatureItem | Skipped | None]) -> FeatureBatch | None:
+    def __call__(self, items: list[FeatureItem | Skipped | None]) -> FeatureBatch | SkippedBatch:
+        skipped = [(it.id, it.code) for it in items if isinstance(it, Skipped)]
         items = [it for it in items if isinstance(it, FeatureItem)]
         if not items:
-            return None
+            return SkippedBatch(skipped)
         n_states, _, dim = items[0].hidden.shape
         frames = torch.tensor([it.hidden.shape[1] for it in items], dtype=torch.long)
         width = max(1, int(frames.max()))
@@ -123,6 +126,7 @@ class FeatureCollate:
             lengths=torch.tensor([it.samples for it in items], dtype=torch.long),
             ids=[it.id for it in items],
             targets=self.collate_targets([it.target for it in items]),
+            skipped=skipped,
         )
 
 
@@ -134,8 +138,10 @@ class FeatureDataset(Dataset):
     frames as the live window would give, at the live path's random offset snapped to a frame, and
     moves the target with the live dataset's ``crop_target``. An uncropped utterance longer than
     ``max_seconds`` is bad audio, as it is live. A missing entry, or one that fails its check (it is
-    removed, so the next fill makes it again), is bad audio too (code "bad_audio"). Bad audio gives a
-    `Skipped`, as the live dataset does, or raises under ``on_bad_audio: error``.
+    removed, so the next fill makes it again), is bad audio too: with the audio's own reason code when
+    the fill's checks refuse the file (another DDP rank filled it, so this one has no report of it),
+    else code "bad_audio". Bad audio gives a `Skipped`, as the live dataset does, or raises under
+    ``on_bad_audio: error``.
     """
 
     def __init__(self, live: ManifestDataset, cache: FeatureCache) -> None:
@@ -152,24 +158,34 @@ class FeatureDataset(Dataset):
     def __len__(self) -> int:
         return len(self.live)
 
-    def _bad(self, path: str, code: Reason, reason: str) -> Skipped:
+    def _bad(self, i: int, code: Reason, reason: str) -> Skipped:
+        path = self.paths[i]
         if self.live.on_bad_audio == "error":
             raise AudioError(path, reason, code)
         log.warning("skipping bad audio %s (%s): %s", path, code, reason)
-        return Skipped(path=path, code=code, reason=reason)
+        return Skipped(path=path, code=code, reason=reason, id=self.live.records[i].id)
+
+    def _missing(self, i: int, error: FeatureCacheError) -> Skipped:
+        """No entry: the fill's checks (`load_audio`'s defaults, as `rewiring.feature_fill` reads) say
+        why when the file is bad audio; a sound file simply has no entry ("bad_audio")."""
+        try:
+            load_audio(self.paths[i], record=self.live.records[i])
+        except AudioError as e:
+            return self._bad(i, e.code, e.reason)
+        return self._bad(i, "bad_audio", f"no feature cache entry ({error})")
 
     def __getitem__(self, i: int) -> FeatureItem | Skipped:
-        rec, path, key = self.live.records[i], self.paths[i], self.keys[i]
-        if key is None:
-            return self._bad(path, *self.reasons.get(self.sources[i], ("bad_audio", "not in the feature cache")))
+        rec, key = self.live.records[i], self.keys[i]
+        if key is None:  # the fill skipped the file (its reason code), or it is not in the cache
+            return self._bad(i, *self.reasons.get(self.sources[i], ("bad_audio", "not in the feature cache")))
         try:
             entry = self.store.read(key)
         except FeatureCacheError as e:
             if self.store.path(key).exists():
                 self.store.remove(key)
                 why = f"its feature cache entry failed its check and was removed for the next fill to make again ({e})"
-                return self._bad(path, "bad_audio", why)
-            return self._bad(path, "bad_audio", f"no feature cache entry ({e})")
+                return self._bad(i, "bad_audio", why)
+            return self._missing(i, e)
         hidden, samples = entry.hidden, entry.samples
         target = self.live.target_fn(rec)
         crop = self.live.crop_seconds
@@ -185,7 +201,7 @@ class FeatureDataset(Dataset):
                 samples = n * spf
         elif self.live.max_seconds is not None and samples > self.live.max_seconds * SAMPLE_RATE:
             seconds = samples / SAMPLE_RATE
-            return self._bad(path, "too_long", f"audio is {seconds:.1f} s long, longer than max_seconds={self.live.max_seconds:g}")
+            return self._bad(i, "too_long", f"audio is {seconds:.1f} s long, longer than max_seconds={self.live.max_seconds:g}")
         return FeatureItem(id=rec.id, hidden=hidden, samples=samples, target=target)
 
 
@@ -268,7 +284,10 @@ class FeatureCache:
             self.reason = f"the fill failed ({f'{type(error).__name__}: {error}' if error else 'on another rank'})"
             _say(f"[{dm.task}] feature cache off, encoding live at every step: {self.reason}")
             return
-        self.store, self.keys, self.bad, self.report = store, keys, {**bad, **report.bad}, report
+        # A bad file's reason goes to every source with its bytes (the fill reads each entry once).
+        bad_keys = {keys[s]: why for s, why in report.bad.items() if s in keys}
+        bad = {**bad, **report.bad, **{s: bad_keys[k] for s, k in keys.items() if k in bad_keys}}
+        self.store, self.keys, self.bad, self.report = store, keys, bad, report
         self.frame_lengths = encoder.frame_layout
         self.samples_per_frame = encoder.samples_per_frame
         _say(f"[{dm.task}] feature cache {store.dir}: {report.line()}; {space.reason}; "

@@ -6,8 +6,12 @@ A task's `TaskModule` subclass sets ``task``, ``primary_metric`` ("val/acc") and
 (fresh metrics for one stage, logged as ``val/<name>`` and ``test/<name>``) and
 ``step(batch, stage) -> loss`` (forward, loss, ``self.metrics(stage)`` updates; None for "train").
 The base does the rest, once: optimizer groups, the encoder warm-up, logging, the best value,
-early stopping, checkpoints (the spec saved with them, a frozen encoder left out) and skipping
-non-finite training losses (counted as train/nonfinite_losses).
+early stopping, checkpoints (the spec saved with them, a frozen encoder left out), skipping
+non-finite training losses (counted as train/nonfinite_losses), and counting the utterances skipped
+as bad audio per split and reason (rewiring.skips: ``data/skipped/<split>/<reason>``, the
+``skipped`` section of convergence.json, a warning line per split at the end of a fit or test).
+A training batch with nothing to learn from (every item skipped, or a non-finite loss) takes a step
+that changes no weight, so validation stays on its grid of ``val_check_interval`` steps.
 """
 
 from __future__ import annotations
@@ -18,13 +22,15 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torchmetrics import MaxMetric, Metric, MetricCollection, MinMetric
 
 from rewiring.encoder import EncoderOutput, SpeechEncoder
+from rewiring.resume import ResumableCheckpoint
+from rewiring.skips import SkipLog, SkippableSteps, SkippedBatch
 from tasks.data import TaskBatch, TaskDataModule
 from tasks.features import FeatureBatch, FeatureCache
 
@@ -32,6 +38,7 @@ __all__ = ["EncoderWarmup", "Protocol", "Stage", "TaskModule"]
 
 Protocol = Literal["superb", "finetune"]
 Stage = Literal["train", "val", "test"]
+SPLIT_OF: dict[str, str] = {"train": "train", "val": "dev", "test": "test"}  # the data split a stage reads
 
 
 class EncoderWarmup(BaseFinetuning):
@@ -68,7 +75,7 @@ class EncoderWarmup(BaseFinetuning):
             )
 
 
-class TaskModule(LightningModule, ABC):
+class TaskModule(SkippableSteps, LightningModule, ABC):
     """A SpeechEncoder plus a task head, a loss and torchmetrics, under one of two protocols.
 
     Args:
@@ -142,6 +149,7 @@ class TaskModule(LightningModule, ABC):
         best.persistent(True)
         self.best_metric = best
         self.nonfinite_losses = 0
+        self.skips = SkipLog()  # utterances skipped, per split and reason
 
     # ------------------------------------------------------------ hooks for the tasks
     @abstractmethod
@@ -200,6 +208,10 @@ class TaskModule(LightningModule, ABC):
         if isinstance(datamodule, TaskDataModule):  # opened when the first loader is built, after a checkpoint
             cached = self.protocol == "superb" and self.feature_cache is not None
             datamodule.features = FeatureCache(self, datamodule) if cached else None
+            # Audio shorter than the real encoder's receptive field is bad audio ("too_short").
+            datamodule.min_samples = self.encoder.min_samples
+            for split, records in datamodule.records.items():
+                self.skips.track(split, [r.id for r in records], self.device)
 
     @staticmethod
     def _spec_mismatch(a: dict, b: dict, name_a: str, name_b: str) -> str:
@@ -216,6 +228,7 @@ class TaskModule(LightningModule, ABC):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["task_spec"] = {"task": self.task, "spec": self.spec}
+        checkpoint["skipped"] = self.skips.state()  # a resumed fit goes on counting
         if self.leaves_out_encoder():
             state = checkpoint["state_dict"]
             keys = [k for k in state if k.startswith(self.FROZEN_PREFIX)]
@@ -242,6 +255,7 @@ class TaskModule(LightningModule, ABC):
         frozen = checkpoint.get("frozen_encoder")
         if frozen is not None:
             self._restore_frozen_encoder(checkpoint, frozen)
+        self.skips.load(checkpoint.get("skipped"))
 
     def _restore_frozen_encoder(self, checkpoint: dict[str, Any], frozen: dict[str, Any]) -> None:
         """Put this module's own encoder weights where the checkpoint left them out, once their
@@ -260,9 +274,13 @@ class TaskModule(LightningModule, ABC):
             state[self.FROZEN_PREFIX + name] = tensor
 
     # ------------------------------------------------------------ steps
-    def training_step(self, batch: TaskBatch | None, batch_idx: int) -> Tensor | None:
-        if batch is None:  # every item of the batch was bad audio (skipped, and logged)
-            return None
+    def _count(self, batch: TaskBatch | FeatureBatch | SkippedBatch, stage: Stage) -> None:
+        self.skips.update(SPLIT_OF[stage], batch.ids, batch.skipped)
+
+    def training_step(self, batch: TaskBatch | FeatureBatch | SkippedBatch, batch_idx: int) -> Tensor:
+        self._count(batch, "train")
+        if len(batch) == 0:  # every item of the batch was bad audio (each logged, and counted)
+            return self.skip_step()  # a step without an update: validation stays on its grid
         loss = self.step(batch, "train")
         if not torch.isfinite(loss.detach()):
             self.nonfinite_losses += 1
@@ -271,12 +289,15 @@ class TaskModule(LightningModule, ABC):
                 f"({self.nonfinite_losses} so far); the batch is skipped"
             )
             self.log("train/nonfinite_losses", float(self.nonfinite_losses), on_step=True, on_epoch=False)
-            return None
+            return self.skip_step()
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch))
         return loss
 
-    def _eval_step(self, batch: TaskBatch | None, stage: Stage) -> None:
+    def _eval_step(self, batch: TaskBatch | FeatureBatch | SkippedBatch | None, stage: Stage) -> None:
         if batch is None:
+            return
+        self._count(batch, stage)
+        if len(batch) == 0:
             return
         loss = self.step(batch, stage)
         self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=len(batch))
@@ -289,7 +310,13 @@ class TaskModule(LightningModule, ABC):
         self._eval_step(batch, "test")
 
     def on_validation_epoch_end(self) -> None:
-        """Log ``<primary>_best`` while fitting (best value so far, kept in checkpoints; direction from metric_mode)."""
+        """Log the skip counts so far, and ``<primary>_best`` while fitting (best value so far, kept in
+        checkpoints; direction from metric_mode)."""
+        if not self.trainer.sanity_checking:
+            if self.trainer.state.fn == "validate":  # the end of the run
+                self.skips.finish(self.trainer, ("dev",))
+            else:
+                self.skips.log(self.trainer, ("train", "dev"))
         if self.trainer.sanity_checking or self.trainer.state.fn != "fit" or self.primary_name == "loss":
             return
         metric = self.val_metrics[self.primary_name]
@@ -299,6 +326,15 @@ class TaskModule(LightningModule, ABC):
         if torch.is_tensor(value) and value.numel() == 1 and math.isfinite(float(value)):
             self.best_metric.update(value)
             self.log(f"{self.primary_metric}_best", self.best_metric.compute())
+
+    # The end of a run (and, for validate, on_validation_epoch_end): the skip counts logged, kept for
+    # convergence.json and test.json (written by callbacks' on_fit_end and on_test_end, which come
+    # after these), and a warning line per split with skips.
+    def on_train_end(self) -> None:
+        self.skips.finish(self.trainer, ("train", "dev"))
+
+    def on_test_epoch_end(self) -> None:
+        self.skips.finish(self.trainer, ("test",))
 
     # ------------------------------------------------------------ optimizer and callbacks
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -321,7 +357,8 @@ class TaskModule(LightningModule, ABC):
         return self.optimizer(self.parameter_groups())
 
     def configure_callbacks(self) -> list[Callback]:
-        """Checkpoints (best by the primary metric, plus last) and early stopping follow the task's metric.
+        """Checkpoints (best by the primary metric, plus last.ckpt at every validation and at the end,
+        for an exact resume: rewiring/resume.py) and early stopping follow the task's metric.
 
         No checkpoint callback under fast_dev_run: Lightning 2.6's ModelCheckpoint still writes
         last.ckpt at train end there (into the working directory, as the logger is a dummy).
@@ -329,7 +366,7 @@ class TaskModule(LightningModule, ABC):
         callbacks: list[Callback] = []
         if not (self._trainer is not None and self._trainer.fast_dev_run):
             callbacks.append(
-                ModelCheckpoint(
+                ResumableCheckpoint(
                     monitor=self.primary_metric,
                     mode=self.metric_mode,
                     save_last=True,

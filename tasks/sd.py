@@ -22,9 +22,9 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
-from rewiring.audio import SAMPLE_RATE, Skipped, load_or_skip
+from rewiring.audio import SAMPLE_RATE, Skipped
 from rewiring.encoder import SpeechEncoder
-from rewiring.manifest import Record, audio_path, write_manifest
+from rewiring.manifest import Record, write_manifest
 from rewiring.rttm import read_rttm
 from tasks.adapters import relative_audio
 from tasks.data import Item, ManifestDataset, TaskBatch, TaskDataModule
@@ -68,7 +68,7 @@ class _CroppedSegments(ManifestDataset):
             return super().__getitem__(i)
         offset = float(torch.rand(())) * (rec.duration - crop)
         # offset is within the record's segment (a record may itself be a segment of a long recording)
-        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, record=rec, offset=offset, duration=crop)
+        wav = self.load(rec, offset=offset, duration=crop)
         if isinstance(wav, Skipped):
             return wav
         return Item(id=rec.id, wav=wav, target=self.crop_target(self.target_fn(rec), offset, crop))
@@ -133,6 +133,7 @@ class SpeakerDiarizationData(TaskDataModule):
             on_bad_audio=self.on_bad_audio,
             max_seconds=self.max_seconds,
             crop_seconds=self.crop_seconds if split == "train" else None,
+            min_samples=self.min_samples,
         )
 
 

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 def task_cli(tmp_path):
     """`cli_main` for one task on the tiny random encoder under fast_dev_run (batch 2, no workers),
     everything written under tmp_path: `task_cli("asr", root, *extra_args, run=False)`."""
-    from rewiring.cli import cli_main
+    from rewiring.experiment.train import cli_main
 
     def run_cli(task: str, root: Path, *extra: str, run: bool = True):
         return cli_main(

@@ -125,6 +125,16 @@ def test_bench_quick_smoke(mini_corpus, tmp_path):
     assert point["rss_peak_mb"] >= point["rss_before_mb"] > 0
 
 
+def test_python_m_benchmarks_has_its_own_options(capsys):
+    from benchmarks.__main__ import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "python -m benchmarks" in out and all(f"--{o}" in out for o in ("out", "quick", "sections"))
+
+
 def test_step_flops_and_card_peaks():
     from rewiring.encoder import TINY_CONFIG
 

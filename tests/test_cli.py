@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from rewiring.cli import main
+from rewiring.experiment.cli import main
 
 
 def test_help_lists_every_command(capsys):
@@ -35,8 +35,37 @@ def test_unknown_command_is_an_error(capsys):
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_bench_runs_python_m_benchmarks_in_the_checkout(monkeypatch, tmp_path):
+    """The product never imports the benchmarks: `rewiring bench` runs them as a process, in the checkout."""
+    import subprocess
+
+    from rewiring.experiment import commands
+
+    calls = []
+
+    def run(cmd, cwd, check):
+        calls.append((cmd, cwd))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(commands.subprocess, "run", run)
+    main(["bench", "--out", str(tmp_path / "out"), "--quick", "true", "--sections", "[gpu,features]"])
+    ((cmd, cwd),) = calls
+    assert cmd[1:] == ["-m", "benchmarks", "--out", str(tmp_path / "out"), "--quick", "true",
+                       "--sections", "[gpu,features]"]  # fmt: skip
+    assert Path(cwd) == REPO and (REPO / "benchmarks" / "__main__.py").is_file()
+
+
+def test_bench_without_the_checkout_says_where_to_run_it(monkeypatch):
+    from rewiring.experiment import commands
+
+    monkeypatch.setattr(commands, "checkout_root", lambda: None)  # an installed copy
+    with pytest.raises(SystemExit) as done:
+        main(["bench"])
+    assert "rewiring bench needs the source checkout" in str(done.value) and "python -m benchmarks" in str(done.value)
+
+
 def _rewire_cli(tmp_path: Path, *extra: str):
-    from rewiring.cli import cli_main
+    from rewiring.experiment.train import cli_main
 
     return cli_main(
         [
@@ -61,7 +90,7 @@ def test_the_rewiring_run_folder_is_named_after_the_pairing(tmp_path):
 
 
 def test_a_rerun_never_overwrites_a_runs_config_and_a_resume_stays_in_its_folder(task_cli, tiny_corpus, tmp_path, capsys):
-    from rewiring.cli import cli_main
+    from rewiring.experiment.train import cli_main
 
     short = ["--trainer.fast_dev_run=false", "--trainer.max_steps=2", "--trainer.val_check_interval=2",
              "--trainer.limit_val_batches=1", "--trainer.logger.init_args.version=v"]  # fmt: skip

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rewiring.cli import cli_main
+from rewiring.experiment.train import cli_main
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

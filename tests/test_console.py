@@ -12,8 +12,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from rewiring.cli import LightningNoise, frozen_eval_modules
 from rewiring.convergence import StepProgressBar
+from rewiring.experiment.train import LightningNoise, frozen_eval_modules
 
 REPO = Path(__file__).resolve().parents[1]
 

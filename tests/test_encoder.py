@@ -8,7 +8,8 @@ import torch
 import yaml
 from transformers import Wav2Vec2Config, Wav2Vec2ForPreTraining, Wav2Vec2Model
 
-from rewiring.encoder import TINY_CONFIG, SpeechEncoder, conv_layout, frame_lengths
+from rewiring.encoder import TINY_CONFIG, WAV2VEC2_CONV, SpeechEncoder
+from rewiring.frames import conv_layout, frame_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = {**TINY_CONFIG, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
@@ -27,10 +28,15 @@ def _padded(lengths, width, seed=0):
 
 
 def test_tiny_config_yaml_matches_the_python_dict():
+    """The YAML is TINY_CONFIG less the conv layout, which it gets as the default: wav2vec2-base's."""
     conf = yaml.safe_load((ROOT / "conf/encoder/tiny-random.yaml").read_text())
     enc = conf["model"]["init_args"]["encoder"]
     assert enc["class_path"] == "rewiring.encoder.SpeechEncoder"
-    assert enc["init_args"]["source"] == TINY_CONFIG
+    source = enc["init_args"]["source"]
+    assert {**source, **WAV2VEC2_CONV} == TINY_CONFIG and WAV2VEC2_CONV.keys().isdisjoint(source)
+    defaults = Wav2Vec2Config()
+    assert {k: list(getattr(defaults, k)) for k in WAV2VEC2_CONV} == WAV2VEC2_CONV
+    assert SpeechEncoder(source).config.to_dict() == SpeechEncoder(TINY_CONFIG).config.to_dict()
 
 
 def test_tiny_encoder_shapes_rates_and_pooling():

@@ -18,6 +18,7 @@ import torch
 import yaml
 from lightning.pytorch import Callback
 
+from rewiring import feature_fill
 from rewiring import features as F
 from rewiring.audio import AudioError, Skipped, load_audio
 from rewiring.encoder import TINY_CONFIG, SpeechEncoder
@@ -168,7 +169,7 @@ def test_segments_of_one_recording_are_cached_as_segments(tmp_path, tiny_corpus)
     utts = [F.utterance(path, 0.8, offset, hashes) for offset in (0.0, 0.4)]
     assert len(hashes) == 1  # the file's bytes are hashed once for both segments
     store = _store(tmp_path, enc, "float32")
-    F.fill(store, enc, utts, progress=False)
+    feature_fill.fill(store, enc, utts, progress=False)
     with torch.inference_mode():
         for u in utts:
             wav = load_audio(path, record=u)[None]
@@ -188,10 +189,10 @@ def test_fill_stores_each_utterance_as_encoded_alone(tmp_path, tiny_corpus, norm
     enc = _encoder(0, **config)
     utts = _utterances(tiny_corpus, "asr", ("dev",))
     store = _store(tmp_path, enc, "float32")
-    report = F.fill(store, enc, utts, batch_seconds=60, progress=False)
+    report = feature_fill.fill(store, enc, utts, batch_seconds=60, progress=False)
     assert report.made == len(utts) == len(_entries(store)) and not report.bad
     assert report.audio_seconds == pytest.approx(sum(u.samples for u in utts) / 16000, abs=0.01)
-    batches = F.plan_batches(utts, 60 * 16000, same_length=norm == "group")
+    batches = feature_fill.plan_batches(utts, 60 * 16000, same_length=norm == "group")
     assert max(len(b) for b in batches) == (1 if norm == "group" else len(utts))  # dev lengths all differ
     with torch.inference_mode():
         for u in utts[:4]:
@@ -201,7 +202,7 @@ def test_fill_stores_each_utterance_as_encoded_alone(tmp_path, tiny_corpus, norm
             assert entry.samples == wav.shape[1]
             assert entry.hidden.shape == (enc.num_hidden_states, int(mask.sum()), enc.hidden_size)
             torch.testing.assert_close(entry.hidden, torch.stack(hidden)[:, 0], atol=1e-4, rtol=1e-4)
-    again = F.fill(store, enc, utts, progress=False)
+    again = feature_fill.fill(store, enc, utts, progress=False)
     assert (again.present, again.made) == (len(utts), 0)
 
 
@@ -213,15 +214,15 @@ def test_a_changed_encoder_never_reads_another_encoders_features(tmp_path, tiny_
     assert len(keys) == 3  # weights and input normalisation are both in the key
     a, b = _store(tmp_path, first), _store(tmp_path, other)
     assert a.dir != b.dir
-    F.fill(a, first, utts, progress=False)
-    report = F.fill(b, other, utts, progress=False)
+    feature_fill.fill(a, first, utts, progress=False)
+    report = feature_fill.fill(b, other, utts, progress=False)
     assert (report.present, report.made) == (0, len(utts))  # nothing of the first encoder's was used
     u = utts[0]
     assert not torch.equal(a.read(u.key).hidden, b.read(u.key).hidden)
     # an entry of the first encoder put where the other one looks is refused and made again
     shutil.copy(a.path(u.key), b.path(u.key))
     assert "feature_key" in b.check(u.key)
-    report = F.fill(b, other, utts, progress=False)
+    report = feature_fill.fill(b, other, utts, progress=False)
     assert (report.remade, report.made) == (1, 1)
     assert not torch.equal(b.read(u.key).hidden, a.read(u.key).hidden)
 
@@ -230,15 +231,15 @@ def test_entries_that_fail_their_check_are_remade(tmp_path, tiny_corpus):
     enc = _encoder(0)
     utts = _utterances(tiny_corpus, "ks", ("dev",))
     store = _store(tmp_path, enc)
-    F.fill(store, enc, utts, progress=False)
+    feature_fill.fill(store, enc, utts, progress=False)
     good = store.read(utts[0].key).hidden.clone()
     data = bytearray(store.path(utts[0].key).read_bytes())
     data[-5] ^= 0xFF  # silent corruption: only the CRC sees it
     store.path(utts[0].key).write_bytes(bytes(data))
     store.path(utts[1].key).write_bytes(store.path(utts[1].key).read_bytes()[:100])  # truncated
-    header_only = F.fill(store, enc, utts, progress=False)
+    header_only = feature_fill.fill(store, enc, utts, progress=False)
     assert (header_only.remade, header_only.made) == (1, 1)  # the truncated one
-    full = F.fill(store, enc, utts, full_check=True, progress=False)
+    full = feature_fill.fill(store, enc, utts, full_check=True, progress=False)
     assert (full.remade, full.made, full.present) == (1, 1, len(utts) - 1)  # and now the flipped one
     # made again alone, not in its first batch: equal up to fp16 rounding of float noise
     torch.testing.assert_close(store.read(utts[0].key).hidden, good, atol=2e-3, rtol=2e-3)
@@ -251,6 +252,7 @@ import json, os, signal, sys, torch
 torch.set_num_threads(1)
 from rewiring import features as F
 from rewiring.encoder import SpeechEncoder
+from rewiring.feature_fill import fill
 from rewiring.manifest import audio_path, read_manifest
 encoder_dir, cache, kill_at, manifests = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
 enc = SpeechEncoder(encoder_dir)
@@ -268,7 +270,7 @@ if kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
         return write(self, key, hidden, samples)
     F.FeatureStore.write = dying
-report = F.fill(store, enc, utts, progress=False, announce=lambda m: print("WAITED", m, flush=True))
+report = fill(store, enc, utts, progress=False, announce=lambda m: print("WAITED", m, flush=True))
 total = sum(float(store.read(u.key).hidden.double().sum()) for u in utts)
 print(json.dumps({"made": report.made, "present": report.present, "checksum": total}), flush=True)
 """
@@ -300,12 +302,12 @@ def test_a_killed_fill_leaves_no_half_entry_and_resumes(tmp_path, tiny_corpus, e
     assert 0 < len(left) < len(utts)
     assert all(store.check(p.stem, full=True) is None for p in left)  # every entry on disk is whole
     assert list(store.dir.glob("??/.*.tmp"))  # the half-written one stayed a temporary file
-    report = F.fill(store, enc, utts, progress=False)
+    report = feature_fill.fill(store, enc, utts, progress=False)
     assert (report.present, report.made) == (len(left), len(utts) - len(left))
     assert all(store.check(u.key, full=True) is None for u in utts)
     assert store.remove_stale_temporaries(max_age_s=0) >= 1 and not list(store.dir.glob("??/.*.tmp"))
     clean = _store(tmp_path / "clean", enc)
-    F.fill(clean, enc, utts, progress=False)
+    feature_fill.fill(clean, enc, utts, progress=False)
     for u in utts:  # the resumed cache holds what an uninterrupted fill makes
         assert torch.equal(store.read(u.key).hidden, clean.read(u.key).hidden)
 
@@ -335,7 +337,7 @@ def test_size_estimate_and_limits(tmp_path, tiny_corpus, monkeypatch):
     assert "5 hidden states x 128 dims x 2 bytes" in space.reason
     capped = F.room(store, utts, enc.frame_lengths, max_gb=1e-6)
     assert not capped.ok and "above max_gb=1e-06" in capped.reason
-    F.fill(store, enc, utts, progress=False)
+    feature_fill.fill(store, enc, utts, progress=False)
     assert F.room(store, utts, enc.frame_lengths, max_gb=1.0).missing_bytes == 0
     usage = shutil.disk_usage(tmp_path)
     fake = usage._replace(free=int(1.5e9))  # 1.5 GB free: less than the reserve once the entries are written
@@ -518,7 +520,7 @@ def test_crops_on_a_dataset_that_cannot_move_its_targets_stay_live(task_cli, tin
 
 
 def test_features_command_fills_what_a_task_run_reads(task_cli, tiny_corpus, tmp_path, encoder_dir, capsys):
-    from rewiring.cli import main
+    from rewiring.experiment.cli import main
 
     cache = tmp_path / "features"
     manifests = ",".join(str(tiny_corpus / "ks" / f"{s}.jsonl") for s in ("train", "dev", "test"))
@@ -539,7 +541,7 @@ def test_features_command_fills_what_a_task_run_reads(task_cli, tiny_corpus, tmp
 
 
 def test_features_command_is_listed_and_documented(capsys):
-    from rewiring.cli import main
+    from rewiring.experiment.cli import main
 
     main(["--help"])
     assert "  features " in capsys.readouterr().out

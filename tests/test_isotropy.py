@@ -1,5 +1,6 @@
 """Isotropy measures on distributions with a known answer, the training callback, and encoder profiles."""
 
+import hashlib
 import json
 import math
 import warnings
@@ -23,6 +24,7 @@ from rewiring.isotropy import (
     partition_isotropy_centred,
     spectrum,
 )
+from rewiring.manifest import ids_hash, read_manifest
 
 D = 32
 METRICS = {"isoscore", "effective_rank", "partition_isotropy", "partition_isotropy_centred", "average_cosine"}
@@ -239,6 +241,8 @@ def test_encoder_profile_per_layer_json(heldout, tmp_path):
         assert set(entry) == {"frames", "pooled"} and set(entry["frames"]) == METRICS
         assert all(math.isfinite(v) for part in entry.values() for v in part.values())
     assert report["frames_sampled"] == min(report["frames_total"], 160)
+    chosen = sorted(read_manifest(heldout), key=lambda r: hashlib.sha256(f"0:{r.id}".encode()).hexdigest())[:4]
+    assert report["ids_sha256"] == ids_hash(chosen)  # the seeded sample's ids, hashed as manifests do
     assert set(again["layers"]) == {"0", "2", "average"}
     assert again["layers"]["2"] == report["layers"]["2"]  # same seeded sample, same numbers
     with pytest.raises(ValueError, match="out of range"):

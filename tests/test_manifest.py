@@ -16,6 +16,7 @@ from rewiring.manifest import (
     Record,
     audio_path,
     ids_hash,
+    order_key,
     parse_amount,
     read_manifest,
     select_subset,
@@ -255,6 +256,7 @@ def test_subset_is_sha256_ranking():
     """Without strata, a fraction is exactly the lowest sha256(f"{seed}:{id}") ids."""
     recs = synthetic()
     want = sorted(recs, key=lambda r: hashlib.sha256(f"7:{r.id}".encode()).hexdigest())[:15]
+    assert want == sorted(recs, key=lambda r: order_key(7, r.id))[:15]
     assert set(ids(select_subset(recs, fraction=0.25, seed=7))) == set(ids(want))
 
 

@@ -11,8 +11,8 @@ import soundfile as sf
 import torch
 
 from rewiring.audio import Skipped
-from rewiring.commands import prepare as prepare_command
 from rewiring.corpus.folder import PrepareError, prepare
+from rewiring.experiment.commands import prepare as prepare_command
 from rewiring.manifest import audio_path, read_manifest
 
 SR = 16000
@@ -336,7 +336,7 @@ def test_datasets_pass_the_reason_of_a_bad_file_on(tmp_path):
         "ok",
     ]
     pairs = PairDataset(manifest, recs, "twin", None, 0.2, 0, None, "skip")
-    assert [pairs[i] for i in range(2)] == [(None, "duration_mismatch"), (None, "not_found")]
+    assert [(pairs[i].id, pairs[i].code) for i in range(2)] == [("wrong", "duration_mismatch"), ("gone", "not_found")]
     strict = ManifestDataset(manifest, recs, lambda r: 0, on_bad_audio="error")
     with pytest.raises(Exception, match="the manifest says 0.1 s, the file holds 2.40 s"):
         strict[0]

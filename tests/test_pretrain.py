@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from rewiring.cli import cli_main
 from rewiring.encoder import SpeechEncoder
+from rewiring.experiment.train import cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 

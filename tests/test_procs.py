@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-import rewiring.sweep as sw
+from rewiring.experiment import layout
+from rewiring.experiment import sweep as sw
 from rewiring.procs import Locked, exclusive_lock
 
 REPO = Path(__file__).resolve().parents[1]
@@ -148,10 +149,9 @@ def test_the_sweeps_fork_server_and_its_running_fit_die_with_a_killed_sweep(tmp_
         """
         import os, sys
         from pathlib import Path
-        import rewiring.sweep as sw
-        sw.PRELOAD[:] = ["rewiring.sweep"]  # a light server: the test is about its lifetime
-        sw.preloaded_runner([sys.executable, "-m", "rewiring", "sweep", "--config", sys.argv[1]],
-                            Path(sys.argv[2]), dict(os.environ))
+        from rewiring.experiment.sweep.runners import PreloadedRunner
+        runner = PreloadedRunner(["rewiring.experiment.sweep"])  # a light server: the test is about its lifetime
+        runner([sys.executable, "-m", "rewiring", "sweep", "--config", sys.argv[1]], Path(sys.argv[2]), dict(os.environ))
         """,
         str(fifo), str(tmp_path / "fit.log"),
     )  # fmt: skip
@@ -208,6 +208,7 @@ def _spec(tmp_path: Path) -> list[str]:
     conf.write_text(json.dumps({"model": {"init_args": {"encoder": {"init_args": {"source": str(enc)}}}}}))
     spec = {
         "name": "t", "encoder": str(conf), "arms": ["baseline"], "tasks": ["ks"], "splits": ["10%"],
+        "base_config": str(REPO / "conf/base.yaml"), "task_config": str(REPO / "conf/tasks/{task}.yaml"),
         "seeds": [0, 1], "lrs": [0.001], "runs_dir": str(tmp_path / "runs"),
         "report_dir": str(tmp_path / "report"),
     }  # fmt: skip
@@ -225,7 +226,7 @@ class FakeRunner:
         self.calls.append(cmd)
         arg = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in cmd if a.startswith("--") and "=" in a}
         if "test" in cmd:
-            Path(arg["--trainer.callbacks.init_args.path"]).write_text(json.dumps({"metrics": {}}))
+            Path(arg["--test_json"]).write_text(json.dumps({"metrics": {}}))
             return 0
         run = Path(arg["--trainer.logger.init_args.save_dir"]) / arg["--trainer.logger.init_args.name"]
         run = run / arg["--trainer.logger.init_args.version"]
@@ -245,7 +246,7 @@ def test_a_second_sweep_skips_the_run_a_live_sweep_is_running(tmp_path, capsys):
         """
         import sys, time
         from pathlib import Path
-        import rewiring.sweep as sw
+        import rewiring.experiment.sweep as sw
 
         def blocking(cmd, log, env):
             Path(sys.argv[1]).write_text("fit")
@@ -262,14 +263,14 @@ def test_a_second_sweep_skips_the_run_a_live_sweep_is_running(tmp_path, capsys):
         runner = FakeRunner()
         assert sw.run_sweep(args, runner=runner) == 1  # not all done: one run belongs to A
         out = capsys.readouterr().out
-        lock = sw.lock_file(runs[0].dir)
+        lock = layout.lock_file(runs[0].dir)
         assert f"seed0: skipped: {lock} is locked by a live process, pid {sweep_a.pid}" in out
         assert "1 ran, 0 done before, 0 failed, 1 skipped as locked by a live process" in out
         assert all(str(runs[0].dir) not in " ".join(c) for c in runner.calls)  # never started
-        assert sw.run_state(runs[1].dir) == "complete"
+        assert layout.run_state(runs[1].dir) == "complete"
     finally:
         sweep_a.send_signal(signal.SIGKILL)
         sweep_a.wait()
     # A was killed: its lock went with it, and the run is the next sweep's
     assert sw.run_sweep(args, runner=FakeRunner()) == 0
-    assert sw.run_state(runs[0].dir) == "complete"
+    assert layout.run_state(runs[0].dir) == "complete"

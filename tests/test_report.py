@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rewiring.report import RunResult, choose_lr, compare, isotropy_metrics, load_runs, write_report
+from rewiring.experiment.report import (
+    RunResult,
+    choose_lr,
+    compare,
+    isotropy_metrics,
+    load_runs,
+    write_report,
+)
 
 STEPS = [10, 20, 30, 40]
 CURVES = {
@@ -174,7 +181,7 @@ def test_isotropy_formats():
 def test_rewiring_section_reads_what_each_export_learned(tmp_path):
     import json
 
-    from rewiring.report import rewiring_section
+    from rewiring.experiment.report import rewiring_section
 
     enc = tmp_path / "neutral"
     enc.mkdir()

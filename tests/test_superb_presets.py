@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.data import WeightedRandomSampler
 
 from rewiring.audio import BucketBatchSampler
-from rewiring.cli import cli_main
+from rewiring.experiment.train import cli_main
 from tasks.ctc import CTCHead
 from tasks.specaug import SpecAugment
 
@@ -136,7 +136,7 @@ def test_task_configs_alone_keep_the_light_demo_heads(task):
 
 def test_paper_sweep_stacks_each_tasks_preset(monkeypatch):
     """conf/sweep/paper.yaml: task config, then its preset, then the trainer config; the lr grid still wins."""
-    from rewiring import sweep as sw
+    from rewiring.experiment import sweep as sw
 
     monkeypatch.chdir(REPO)
     spec = sw.spec_from_config(sw.build_parser().parse_args(["--config", "conf/sweep/paper.yaml"]))

@@ -18,7 +18,10 @@ import pytest
 import torch
 import yaml
 
-import rewiring.sweep as sw
+from rewiring.experiment import layout
+from rewiring.experiment import sweep as sw
+from rewiring.experiment.sweep import commands, runners
+from rewiring.experiment.sweep.spec import ALL_TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +57,9 @@ def _spec_args(tmp_path: Path, **over) -> list[str]:
     spec = {
         "name": "t",
         "encoder": str(tmp_path / "encoder.yaml"),
+        # the baseline's fit resolves its encoder through these (rewiring.experiment.layout.encoder_source)
+        "base_config": str(REPO / "conf/base.yaml"),
+        "task_config": str(REPO / "conf/tasks/{task}.yaml"),
         "arms": ["baseline"],
         "tasks": ["ks"],
         "splits": ["10%"],
@@ -84,7 +90,7 @@ class FakeRunner:
         self.calls.append(cmd)
         sub = cmd[cmd.index("rewiring") + 1]
         if sub == "test":
-            out = Path(_arg(cmd, "trainer.callbacks.init_args.path"))
+            out = Path(_arg(cmd, "test_json"))
             out.write_text(json.dumps({"metrics": {"test/acc": 0.5}}))
             return 0
         if _arg(cmd, "model.init_args.export_dir"):  # the rewiring stage
@@ -124,14 +130,14 @@ class FakeRunner:
 
 
 def test_splits():
-    assert sw.parse_split("1%") == ("fraction", 0.01)
-    assert sw.parse_split("100%") == ("full", None)
-    assert sw.parse_split("10min") == ("amount", "10min")
-    assert sw.split_dir("5%") == "5pct"
+    assert layout.parse_split("1%") == ("fraction", 0.01)
+    assert layout.parse_split("100%") == ("full", None)
+    assert layout.parse_split("10min") == ("amount", "10min")
+    assert layout.split_dir("5%") == "5pct"
     for bad in ("0%", "150%", "ten", "x%"):
         with pytest.raises(ValueError):
-            sw.parse_split(bad)
-    assert sorted(["100pct", "1pct", "1h", "10min"], key=sw.split_sort_key) == [
+            layout.parse_split(bad)
+    assert sorted(["100pct", "1pct", "1h", "10min"], key=layout.split_sort_key) == [
         "10min",
         "1h",
         "1pct",
@@ -190,7 +196,7 @@ def test_fit_and_test_commands(tmp_path):
     assert _arg(cmd, "data.init_args.root") == "data/real"
     assert _arg(cmd, "seed_everything") == "3"
     assert _arg(cmd, "model.init_args.encoder.init_args.source") == str(tmp_path / "c" / "encoders" / "twin")
-    assert _arg(cmd, "trainer.callbacks.init_args.reference_run") == str(base.dir / "convergence.json")
+    assert _arg(cmd, "convergence.reference_run") == str(base.dir / "convergence.json")
     save = Path(_arg(cmd, "trainer.logger.init_args.save_dir"))
     assert (
         save / _arg(cmd, "trainer.logger.init_args.name") / _arg(cmd, "trainer.logger.init_args.version")
@@ -200,13 +206,13 @@ def test_fit_and_test_commands(tmp_path):
     b = sw.fit_command(spec, base_amount)
     assert _arg(b, "data.init_args.amount") == "10min" and _arg(b, "data.init_args.fraction") is None
     assert _arg(b, "model.init_args.encoder.init_args.source") is None
-    assert _arg(b, "trainer.callbacks.init_args.reference_run") is None
-    t = sw.test_command(twin.dir, twin.dir / "checkpoints" / "x.ckpt")
+    assert _arg(b, "convergence.reference_run") is None
+    t = commands.test_command(twin.dir, twin.dir / "checkpoints" / "x.ckpt")
     assert t[3] == "test" and _configs(t) == [str(twin.dir / "config.yaml")]
-    assert _arg(t, "trainer.callbacks.init_args.path") == str(twin.dir / "test.json")
+    assert _arg(t, "test_json") == str(twin.dir / "test.json")
     assert _arg(t, "trainer.logger.init_args.version") == "lr0.002/seed3/test"
     assert _arg(t, "trainer.devices") == "1"
-    r = sw.rewire_command(spec, "twin")
+    r = commands.rewire_command(spec, "twin")
     assert _configs(r) == ["conf/base.yaml", "conf/encoder/tiny.yaml", "conf/stages/rewire.yaml"]
     assert _arg(r, "data.init_args.pairing") == "twin"
     assert _arg(r, "model.init_args.export_dir") == str(tmp_path / "c" / "encoders" / "twin")
@@ -214,7 +220,7 @@ def test_fit_and_test_commands(tmp_path):
         rewire_configs=["conf/stages/rewire-paper.yaml", "conf/stages/paper/{arm}.yaml"],
         encoders_dir="data/encoders/large-rewired-{arm}",
     )
-    r = sw.rewire_command(paper, "mixed")
+    r = commands.rewire_command(paper, "mixed")
     assert _configs(r)[2:] == ["conf/stages/rewire-paper.yaml", "conf/stages/paper/mixed.yaml"]
     assert _arg(r, "model.init_args.export_dir") == "data/encoders/large-rewired-mixed"
 
@@ -224,10 +230,10 @@ def test_resume_after_kill(tmp_path, capsys):
     killer = FakeRunner(kill_at=2)
     assert sw.run_sweep(args, runner=killer) == 130  # interrupted in the second run's fit
     runs = sw.plan(sw.spec_from_config(sw.build_parser().parse_args(args)))
-    assert [sw.run_state(r.dir) for r in runs] == ["complete", "resume", "new"]
+    assert [layout.run_state(r.dir) for r in runs] == ["complete", "resume", "new"]
     (runs[2].dir).mkdir(parents=True)
     (runs[2].dir / "events.out.tfevents.stale").write_text("killed before its first checkpoint")
-    assert sw.run_state(runs[2].dir) == "restart"
+    assert layout.run_state(runs[2].dir) == "restart"
     capsys.readouterr()
 
     again = FakeRunner()
@@ -326,6 +332,90 @@ def test_missing_baseline_encoder_fails_early(tmp_path):
         sw.run_sweep(_spec_args(tmp_path, encoder=str(conf)), runner=FakeRunner())
 
 
+def test_the_baseline_encoder_is_what_its_fit_would_build(tmp_path):
+    """Resolved by the CLI's own parser from everything the baseline's fit stacks: a config stacked
+    later and an `args` override both win over the encoder config, as they do in the fit."""
+    _write_encoder(tmp_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    stacked = tmp_path / "stacked.yaml"
+    stacked.write_text(yaml.safe_dump({"model": {"init_args": {"encoder": {"init_args": {"source": str(other)}}}}}))
+
+    def source(**over):
+        return commands.baseline_source(sw.spec_from_config(sw.build_parser().parse_args(_spec_args(tmp_path, **over))))
+
+    assert source() == str(tmp_path / "encoders" / "base")
+    assert source(configs=[str(stacked)]) == str(other)
+    hub = "--model.init_args.encoder.init_args.source=facebook/wav2vec2-base"
+    assert source(configs=[str(stacked)], args=[hub]) == "facebook/wav2vec2-base"
+    # the check before any run follows it: an override naming a missing folder fails early
+    missing = f"--model.init_args.encoder.init_args.source={tmp_path / 'nowhere' / 'tiny'}"
+    with pytest.raises(SystemExit, match="nowhere/tiny .*does not exist yet"):
+        sw.run_sweep(_spec_args(tmp_path, args=[missing]), runner=FakeRunner())
+    # one rule for "a local folder": the encoder's (a hub id is "name" or "org/name")
+    assert not layout.is_local("facebook/wav2vec2-base") and layout.is_local("data/nowhere/tiny")
+    assert layout.is_local(str(other)) and not layout.is_local({"model_type": "wav2vec2"})
+
+
+def _trainer_callbacks(tmp_path: Path, tiny_corpus: Path, base: dict, *extra: str):
+    """The callbacks of the trainer that the sweep's fit of a rewired run builds on `base`."""
+    from rewiring.encoder import TINY_CONFIG, SpeechEncoder
+    from rewiring.experiment.train import cli_main
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    spec = sw.SweepSpec(
+        name="o", base_config=str(tmp_path / "base.yaml"), encoder=str(REPO / "conf/encoder/tiny-random.yaml"),
+        arms=["baseline", "twin"], tasks=["ks"], splits=["100%"], seeds=[0], data_root=str(tiny_corpus),
+        task_config=str(REPO / "conf/tasks/{task}.yaml"), runs_dir=str(tmp_path / "runs"),
+        args=["--data.init_args.num_workers=0", "--trainer.enable_progress_bar=false", *extra],
+    )  # fmt: skip
+    if not (spec.encoder_dir("twin") / "config.json").exists():
+        SpeechEncoder(TINY_CONFIG).save_pretrained(spec.encoder_dir("twin"))
+    twin = sw.plan(spec)[-1]
+    cmd = sw.fit_command(spec, twin)
+    assert cmd[3] == "fit"
+    reference = sw.plan(spec)[0].dir / "convergence.json"
+    return cli_main(cmd[4:], run=False).trainer.callbacks, str(reference)
+
+
+def test_the_reference_run_reaches_the_convergence_callback_in_any_callbacks_order(tmp_path, tiny_corpus):
+    """The sweep names the ConvergenceCallback's setting by its group, not by its place among
+    base.yaml's callbacks; a config that still lists the callback (a run saved before the group
+    existed) gets one callback, with the reference."""
+    from rewiring.convergence import ConvergenceCallback
+
+    base = yaml.safe_load((REPO / "conf/base.yaml").read_text())
+    base["trainer"]["callbacks"].reverse()
+    callbacks, reference = _trainer_callbacks(tmp_path, tiny_corpus, base)
+    (conv,) = [c for c in callbacks if isinstance(c, ConvergenceCallback)]
+    assert conv.reference_run == reference
+    legacy = {k: v for k, v in base.items() if k != "convergence"}
+    legacy["trainer"]["callbacks"].insert(0, {"class_path": "rewiring.convergence.ConvergenceCallback",
+                                              "init_args": {"fractions": [0.5, 1.0]}})  # fmt: skip
+    callbacks, reference = _trainer_callbacks(tmp_path, tiny_corpus, legacy)
+    (conv,) = [c for c in callbacks if isinstance(c, ConvergenceCallback)]
+    assert conv.reference_run == reference and conv.fractions == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test"])
+def test_every_stage_takes_the_convergence_group_and_test_json(subcommand, tmp_path):
+    import contextlib
+    import io
+
+    from rewiring.experiment.train import cli_main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        cli_main([subcommand, "--config", str(REPO / "conf/base.yaml"), "--config", str(REPO / "conf/encoder/tiny-random.yaml"),
+                  "--config", str(REPO / "conf/tasks/ks.yaml"), f"--convergence.reference_run={tmp_path / 'ref'}",
+                  f"--test_json={tmp_path / 'test.json'}", "--print_config"])  # fmt: skip
+    config = yaml.safe_load(out.getvalue())
+    assert config["convergence"]["reference_run"] == str(tmp_path / "ref")
+    assert config["test_json"] == str(tmp_path / "test.json")
+    assert not any("Convergence" in c["class_path"] for c in config["trainer"]["callbacks"])
+
+
 def test_index_and_slurm(tmp_path, capsys):
     args = _spec_args(
         tmp_path,
@@ -394,7 +484,7 @@ def test_paper_lr_grid_is_per_task_around_the_s3prl_defaults_the_authors_ran():
         assert grid == pytest.approx([lr / 2, lr, lr * 2]), task
         # every arm gets the same grid
         assert {r.arm for r in runs if r.task == task and r.lr == grid[1]} == set(spec.arms)
-    plan = sw.Sweep(spec, runner=FakeRunner()).plan_json()
+    plan = runners.Sweep(spec, runner=FakeRunner()).plan_json()
     assert plan["task_lrs"]["sid"] == pytest.approx([5e-4, 1e-3, 2e-3])
 
 
@@ -424,12 +514,12 @@ def test_paper_rewiring_runs_in_fp32_unless_asked_for_bf16(monkeypatch):
     import contextlib
     import io
 
-    from rewiring.cli import cli_main
+    from rewiring.experiment.train import cli_main
 
     monkeypatch.chdir(REPO)
 
     def resolved(spec: sw.SweepSpec) -> dict:
-        cmd = sw.rewire_command(spec, "neutral")
+        cmd = commands.rewire_command(spec, "neutral")
         out = io.StringIO()
         with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
             cli_main([*cmd[3:], "--print_config"])
@@ -437,14 +527,14 @@ def test_paper_rewiring_runs_in_fp32_unless_asked_for_bf16(monkeypatch):
 
     trainer = resolved(_paper_spec())
     assert trainer["precision"] == "32-true" and trainer["accelerator"] == "gpu" and trainer["devices"] == 1
-    assert "conf/trainer/ddp.yaml" not in sw.rewire_command(_paper_spec(), "neutral")  # `configs` stay out
+    assert "conf/trainer/ddp.yaml" not in commands.rewire_command(_paper_spec(), "neutral")  # `configs` stay out
     bf16 = _paper_spec("--rewire_args", "[--trainer.precision=bf16-mixed]")
     assert resolved(bf16)["precision"] == "bf16-mixed"
 
 
 def test_demo_spec_is_valid():
     spec = sw.spec_from_config(sw.build_parser().parse_args(["--config", str(REPO / "conf/sweep/demo.yaml")]))
-    assert set(spec.tasks) == set(sw.ALL_TASKS) and {"baseline", "twin", "neutral"} <= set(spec.arms)
+    assert set(spec.tasks) == set(ALL_TASKS) and {"baseline", "twin", "neutral"} <= set(spec.arms)
     assert len(spec.splits) >= 2 and len(spec.seeds) >= 3 and len(spec.lrs) == 1
     assert spec.encoder == "conf/encoder/whisper-tiny.en.yaml"  # a genuinely pre-trained baseline
     tiny = sw.spec_from_config(sw.build_parser().parse_args(["--config", str(REPO / "conf/sweep/demo-tiny.yaml")]))
@@ -548,6 +638,7 @@ def test_toy_sweep_in_real_processes(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(
         "PYTHONPATH", os.pathsep.join([str(tmp_path), str(REPO), os.environ.get("PYTHONPATH", "")])
     )
+    monkeypatch.syspath_prepend(str(tmp_path))  # the sweep parses the baseline's configs itself
     base = yaml.safe_load((REPO / "conf/base.yaml").read_text())
     base["model"]["class_path"] = "sweeptoy.ToyTask"
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
@@ -590,7 +681,7 @@ def test_toy_sweep_in_real_processes(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "rewiring neutral: encoder in" in out and out.count("FAILED: fit failed (exit 3)") == 2
     runs = sw.plan(sw.spec_from_config(sw.build_parser().parse_args(args)))
-    assert [sw.run_state(r.dir) for r in runs] == ["resume", "resume"]
+    assert [layout.run_state(r.dir) for r in runs] == ["resume", "resume"]
 
     monkeypatch.delenv("TOY_DIE_AT")
     assert sw.run_sweep(args) == 0, capsys.readouterr().out
@@ -670,5 +761,5 @@ def test_describe_reads_run_files(tmp_path):
         json.dumps({"metric": "val/wer", "final": {"value": 0.41234}, "best": {"value": 0.4, "step": 60}})
     )
     (tmp_path / "test.json").write_text(json.dumps({"metrics": {"test/wer": 0.45}}))
-    assert sw.describe(tmp_path) == "val/wer 0.4123 (best 0.4 @ 60), test/wer 0.45"
-    assert sw.describe(tmp_path / "nothing") == "no metrics"
+    assert runners.describe(tmp_path) == "val/wer 0.4123 (best 0.4 @ 60), test/wer 0.45"
+    assert runners.describe(tmp_path / "nothing") == "no metrics"

@@ -13,8 +13,10 @@ import pytest
 import torch
 import yaml
 
+from rewiring.audio import Skipped
 from rewiring.encoder import TINY_CONFIG, SpeechEncoder
 from rewiring.manifest import Record, write_manifest
+from rewiring.skips import SkippedBatch
 from tasks.classification import ClassificationDataModule, ClassificationTaskModule
 from tasks.ctc import CTCTargets, Vocabulary, ctc_loss, greedy_decode
 from tasks.data import Item, TaskBatch
@@ -140,9 +142,12 @@ def test_nonfinite_loss_is_counted_and_skipped():
     model = toy_module()
     model.step = lambda b, stage: torch.tensor(float("nan"), requires_grad=True)
     with pytest.warns(UserWarning, match="non-finite"):
-        assert model.training_step(batch(), 0) is None
-    assert model.nonfinite_losses == 1
-    assert model.training_step(None, 1) is None  # a batch of only bad audio
+        loss = model.training_step(batch(), 0)
+    # a zero loss tied to every trainable parameter, whose step updates nothing (rewiring.skips)
+    assert model.nonfinite_losses == 1 and loss.detach().item() == 0.0 and loss.requires_grad and model._batch_skipped
+    model._batch_skipped = False
+    empty = model.training_step(SkippedBatch([("u0", "too_short")]), 1)  # a batch of only bad audio
+    assert empty.detach().item() == 0.0 and empty.requires_grad and model._batch_skipped
 
 
 def test_spec_saved_in_checkpoint_and_checked_on_load():
@@ -226,9 +231,12 @@ def test_collate_leaves_out_bad_audio(toy_root):
     dm = ToyData(root=str(toy_root))
     dm.setup("fit")
     good = Item(id="a", wav=torch.ones(100), target=0)
-    b = dm.collate([None, good])
-    assert b.ids == ["a"] and b.waveforms.shape == (1, 100)
-    assert dm.collate([None, None]) is None
+    bad = Skipped("x.wav", "too_short", "empty audio (0 samples)", id="b")
+    b = dm.collate([None, good, bad])
+    assert b.ids == ["a"] and b.waveforms.shape == (1, 100) and b.skipped == [("b", "too_short")]
+    # a batch of only bad audio is a SkippedBatch, never None (which would move validation off its grid)
+    empty = dm.collate([None, bad])
+    assert isinstance(empty, SkippedBatch) and len(empty) == 0 and empty.skipped == [("b", "too_short")]
 
 
 # ---------------------------------------------------------------- CTC pieces (asr, sf rely on them)

