@@ -35,7 +35,7 @@ def loader_rate(
 
     The first batch (iterator start, worker start, backend load) is reported apart from the rest.
     """
-    from rewiring.rewire import RewiringDataModule
+    from rewiring.pairs import RewiringDataModule
 
     dm = RewiringDataModule(
         manifest=str(ws.rewire_manifest),
@@ -87,7 +87,7 @@ def loader_rate(
 def padding(ws: Workspace, backend: str, bucket: bool, n_batches: int, batch_size: int = 8) -> dict[str, Any]:
     """Padded samples over real samples per view, with and without length-bucketed batches (the
     encoder computes on the padding too)."""
-    from rewiring.rewire import RewiringDataModule
+    from rewiring.pairs import RewiringDataModule
 
     dm = RewiringDataModule(
         manifest=str(ws.rewire_manifest),

@@ -23,8 +23,8 @@ from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 from rewiring.audio import MIN_SAMPLES, BadAudio, Skipped, load_or_skip, pad_batch
 from rewiring.encoder import SpeechEncoder
 from rewiring.manifest import Record, audio_path, read_manifest
+from rewiring.pairs import resolve_manifest
 from rewiring.resume import ResumableCheckpoint, resumable_loader
-from rewiring.rewire import resolve_manifest
 from rewiring.skips import SkipLog, SkippableSteps
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from rewiring.convergence import StepProgressBar
+from rewiring.console import StepProgressBar
 from rewiring.experiment.train import LightningNoise, frozen_eval_modules
 
 REPO = Path(__file__).resolve().parents[1]

@@ -10,7 +10,16 @@ import soundfile as sf
 
 pytest.importorskip("espeakng_loader")
 
-from rewiring.corpus import SIZES, SPLITS, TASKS, build_corpus, ensure_corpus, prepare_embedded, task_manifest  # noqa: E402
+from rewiring.corpus import (  # noqa: E402
+    SIZES,
+    SPLITS,
+    TASKS,
+    build_corpus,
+    ensure_corpus,
+    prepare_embedded,
+    servers,  # noqa: E402
+    task_manifest,
+)
 from rewiring.corpus import build as corpus_build  # noqa: E402
 from rewiring.manifest import audio_path, read_manifest  # noqa: E402
 
@@ -144,7 +153,7 @@ def test_same_seed_same_bytes(micro, tmp_path):
     a, b = tmp_path / "a" / "tiny", tmp_path / "b" / "tiny"
     build_corpus(a, "tiny", seed=0, progress=False, processes=1)
     build_corpus(b, "tiny", seed=0, progress=False, processes=2)
-    assert len(corpus_build._chunks(corpus_build._Planner(a, "tiny", 0, False).plan())) >= 2
+    assert len(servers.chunks(corpus_build._Planner(a, "tiny", 0, False).plan())) >= 2
     assert same_files(a, b, "*.jsonl")
     assert same_files(a, b, "*.wav")
 
@@ -166,7 +175,7 @@ def test_interrupted_build_leaves_nothing_and_is_rebuilt(micro, tmp_path, monkey
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(corpus_build, "_render", interrupted)
+        m.setattr(servers, "render", interrupted)
         with pytest.raises(KeyboardInterrupt):
             build_corpus(root, "tiny", seed=0, progress=False)
     assert not root.exists() and not list(root.parent.glob(".tiny.building-*"))

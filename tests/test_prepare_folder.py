@@ -303,7 +303,7 @@ def test_diarization_reads_each_segment(tmp_path):
 
 
 def test_rewiring_pairs_read_each_segment(tmp_path):
-    from rewiring.rewire import PairDataset
+    from rewiring.pairs import PairDataset
 
     recs = _sd_records(tmp_path)
     ds = PairDataset(tmp_path / "sd" / "train.jsonl", recs, "twin", None, 0.2, 0, None, "skip")
@@ -318,7 +318,7 @@ def test_rewiring_pairs_read_each_segment(tmp_path):
 
 def test_datasets_pass_the_reason_of_a_bad_file_on(tmp_path):
     from rewiring.manifest import Record
-    from rewiring.rewire import PairDataset
+    from rewiring.pairs import PairDataset
     from tasks.data import ManifestDataset
 
     _wav(tmp_path / "long.wav", seconds=2.4)

@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 from rewiring.audio import BucketBatchSampler
 from rewiring.experiment.train import cli_main
+from rewiring.pairs import HalfSampler
 from rewiring.resume import ResumableWeightedSampler, resumable_loader, rng_state, set_rng_state
-from rewiring.rewire import HalfSampler
 
 REPO = Path(__file__).resolve().parents[1]
 # One thread, as conftest sets for this process: the same arithmetic in every process.

@@ -12,7 +12,8 @@ from conftest import SENTENCES
 
 from rewiring.encoder import TINY_CONFIG, SpeechEncoder
 from rewiring.experiment.train import cli_main
-from rewiring.rewire import PairCollate, RewiringDataModule, RewiringModule, nt_xent
+from rewiring.pairs import PairCollate, RewiringDataModule
+from rewiring.rewire import RewiringModule, nt_xent
 from rewiring.synthesis import EspeakSynthesizer
 
 

@@ -182,8 +182,9 @@ def test_error_mode_names_the_file(ks_with_bad_audio, tmp_path):
 
 def test_the_encoders_receptive_field_reaches_every_data_module(tmp_path):
     """Whisper needs 160 samples, wav2vec2 400: a 300-sample file is used by one and too short for the other."""
+    from rewiring.pairs import RewiringDataModule
     from rewiring.pretrain import PretrainModule, UnlabelledDataModule
-    from rewiring.rewire import RewiringDataModule, RewiringModule
+    from rewiring.rewire import RewiringModule
     from tasks.ks import KeywordSpotting, KeywordSpottingData
 
     rec = Record(

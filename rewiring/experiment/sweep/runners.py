@@ -71,6 +71,7 @@ PRELOAD = [
     "rewiring.encoder",
     "rewiring.convergence",
     "rewiring.rewire",
+    "rewiring.pairs",
     *(f"tasks.{t}" for t in ("asr", "ks", "ic", "sid", "sd", "sf")),
 ]
 
