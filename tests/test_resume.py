@@ -369,3 +369,70 @@ def test_an_auto_numbered_run_resumes_in_its_own_folder(tiny_corpus, tmp_path):
     resumed = cli_main([*args, "--trainer.max_steps=4", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}"])
     assert Path(resumed.trainer.logger.log_dir) == run and resumed.trainer.global_step == 4
     assert not (run.parent / "version_1").exists()
+
+
+class KillAt(Callback):
+    """Test helper: a fresh fit SIGKILLs itself once `global_step` reaches `at` (its last.ckpt of
+    that step is written by then), as `kill -9` would."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.ckpt_path is None and trainer.global_step == self.at:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_resumed_reports_what_an_uninterrupted_one_does(tiny_corpus, tmp_path, monkeypatch):
+    """Two arms of ks; in the second sweep every fit is killed at step 4 and the sweep is run again:
+    every run's curve and test metric, and the report, equal the uninterrupted sweep's."""
+    import yaml
+
+    from rewiring.encoder import TINY_CONFIG, SpeechEncoder
+    from rewiring.experiment import sweep as sw
+    from rewiring.experiment.sweep.runners import subprocess_runner
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(REPO / "tests"), str(REPO), os.environ.get("PYTHONPATH", "")]))
+    baseline = SpeechEncoder(TINY_CONFIG).save_pretrained(tmp_path / "encoders" / "tiny")
+    torch.manual_seed(1)
+    other = SpeechEncoder(TINY_CONFIG).save_pretrained(tmp_path / "other")
+    encoder = tmp_path / "tiny.yaml"
+    encoder.write_text(yaml.safe_dump({"model": {"init_args": {"encoder": {
+        "class_path": "rewiring.encoder.SpeechEncoder", "init_args": {"source": str(baseline)}}}}}))  # fmt: skip
+
+    def spec(name: str, *extra: str) -> list[str]:
+        root = tmp_path / name
+        (root / "encoders").mkdir(parents=True, exist_ok=True)
+        if not (root / "encoders" / "twin").exists():
+            (root / "encoders" / "twin").symlink_to(other)  # the arm's encoder exists: no rewiring stage
+        body = {
+            "name": "k", "encoder": str(encoder), "arms": ["baseline", "twin"], "tasks": ["ks"],
+            "splits": ["50%"], "seeds": [0], "lrs": [0.01], "jobs": 1, "threads": 1,
+            "base_config": str(REPO / "conf/base.yaml"), "task_config": str(REPO / "conf/tasks/{task}.yaml"),
+            "data_root": str(tiny_corpus), "runs_dir": str(root / "runs"), "report_dir": str(root / "report"),
+            "encoders_dir": str(root / "encoders"),
+            "args": ["--trainer.max_steps=8", "--trainer.val_check_interval=2", "--trainer.accelerator=cpu",
+                     "--data.init_args.num_workers=0", "--data.init_args.batch_size=8", "--trainer.limit_val_batches=2",
+                     "--trainer.limit_test_batches=2", "--model.init_args.dropout=0.3",
+                     f"--model.init_args.feature_cache={tmp_path / 'features'}", *extra],
+        }  # fmt: skip
+        (root / "spec.yaml").write_text(yaml.safe_dump(body))
+        return ["--config", str(root / "spec.yaml")]
+
+    assert sw.run_sweep(spec("whole"), runner=subprocess_runner) == 0
+    kill = json.dumps({"class_path": "test_resume.KillAt", "init_args": {"at": 4}})
+    assert sw.run_sweep(spec("killed", f"--trainer.callbacks+={kill}"), runner=subprocess_runner) == 1
+    assert sw.run_sweep(spec("killed"), runner=subprocess_runner) == 0
+
+    for arm in ("baseline", "twin"):
+        runs = {n: tmp_path / n / "runs" / "k" / "ks" / "50pct" / arm / "lr0.01" / "seed0" for n in ("whole", "killed")}
+        log = (runs["killed"] / "fit.log").read_text()
+        assert log.count("$ ") == 2 and "--ckpt_path" in log.split("$ ")[2]  # killed, then resumed
+        conv = {n: json.loads((d / "convergence.json").read_text()) for n, d in runs.items()}
+        assert conv["killed"]["curve"]["steps"] == conv["whole"]["curve"]["steps"] == [2, 4, 6, 8]
+        assert conv["killed"]["curve"]["values"] == conv["whole"]["curve"]["values"], arm
+        tests = {n: json.loads((d / "test.json").read_text())["metrics"] for n, d in runs.items()}
+        assert tests["killed"] == tests["whole"], arm
+    reports = {n: (tmp_path / n / "report" / "report.md").read_text().replace(str(tmp_path / n), "ROOT") for n in ("whole", "killed")}
+    assert reports["killed"] == reports["whole"]
