@@ -13,12 +13,10 @@ draws, independent streams per data-loader worker) nor run on the device. It kee
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import Tensor
 
-__all__ = ["span_mask", "frame_lengths", "time_masks"]
+__all__ = ["span_mask", "time_masks"]
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> Tensor:
@@ -71,24 +69,6 @@ def span_mask(
     zero = (positions >= starts[:, None]) & (positions < (starts + spans)[:, None])
     out = batch.masked_fill(zero.to(batch.device), 0.0)
     return out.squeeze(0) if wav.dim() == 1 else out
-
-
-def frame_lengths(lengths: Tensor | int, conv_kernel: Sequence[int], conv_stride: Sequence[int]) -> Tensor:
-    """Number of feature frames the conv feature encoder gives for each waveform length (vectorised).
-
-    Same arithmetic as transformers' ``_get_feat_extract_output_lengths``
-    (``floor((L - kernel) / stride) + 1`` per layer), clamped at 0 for inputs shorter than the receptive
-    field (400 samples for wav2vec 2.0), where that function goes negative.
-    """
-    if len(conv_kernel) != len(conv_stride):
-        raise ValueError(
-            f"conv_kernel {tuple(conv_kernel)} and conv_stride {tuple(conv_stride)} differ in length"
-        )
-    out = torch.as_tensor(lengths, dtype=torch.long)
-    for kernel, stride in zip(conv_kernel, conv_stride, strict=True):
-        out = torch.div(out - kernel, stride, rounding_mode="floor") + 1
-        out = out.clamp(min=0)
-    return out
 
 
 def time_masks(

@@ -7,7 +7,8 @@ from transformers import Wav2Vec2Config, Wav2Vec2Model
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices
 
 from rewiring.encoder import TINY_CONFIG, SpeechEncoder
-from rewiring.masking import frame_lengths, span_mask, time_masks
+from rewiring.frames import FrameLayout
+from rewiring.masking import span_mask, time_masks
 
 KERNELS, STRIDES = TINY_CONFIG["conv_kernel"], TINY_CONFIG["conv_stride"]
 
@@ -93,10 +94,10 @@ def test_span_mask_rejects_a_bad_share():
 def test_frame_lengths_match_transformers():
     model = Wav2Vec2Model(Wav2Vec2Config(**{k: v for k, v in TINY_CONFIG.items() if k != "model_type"}))
     lengths = torch.cat([torch.arange(400, 2000), torch.randint(2000, 300_000, (500,))])
-    ours = frame_lengths(lengths, KERNELS, STRIDES)
-    assert torch.equal(ours, model._get_feat_extract_output_lengths(lengths))
-    assert int(frame_lengths(16000, KERNELS, STRIDES)) == 49  # 50 frames/s
-    assert int(frame_lengths(100, KERNELS, STRIDES)) == 0  # shorter than the receptive field: clamped
+    layout = FrameLayout(tuple(KERNELS), tuple(STRIDES))
+    assert torch.equal(layout(lengths), model._get_feat_extract_output_lengths(lengths))
+    assert int(layout(16000)) == 49  # 50 frames/s
+    assert int(layout(100)) == 0  # shorter than the receptive field: clamped
 
 
 def test_time_masks_never_mask_padding():
