@@ -136,6 +136,8 @@ class TaskDataModule(LightningDataModule, ABC):
 
     task: ClassVar[str] = ""
     stratify: ClassVar[str | None] = "label"
+    # What reads a split's records (a subclass may read its own windows, e.g. sd's turns move with a crop)
+    dataset_class: ClassVar[type[ManifestDataset]] = ManifestDataset
     # Training utterances longer than this are read as one random window (sid); None: whole files.
     train_crop_seconds: float | None = None
 
@@ -285,7 +287,7 @@ class TaskDataModule(LightningDataModule, ABC):
     def dataset(self, split: str) -> ManifestDataset:
         if split not in self.records:
             raise RuntimeError(f"{self.task}: split {split!r} is not set up (call setup first)")
-        return ManifestDataset(
+        return self.dataset_class(
             self.manifest(split),
             self.records[split],
             self.target,

@@ -99,6 +99,7 @@ class SpeakerDiarizationData(TaskDataModule):
 
     task: ClassVar[str] = "sd"
     stratify: ClassVar[str | None] = None
+    dataset_class: ClassVar[type[ManifestDataset]] = _CroppedSegments
 
     def __init__(self, num_speakers: int = 2, crop_seconds: float | None = 20.0, **kwargs: Any) -> None:
         # TaskDataModule's arguments pass through **kwargs; jsonargparse reads them from super().__init__.
@@ -108,7 +109,7 @@ class SpeakerDiarizationData(TaskDataModule):
         if crop_seconds is not None and crop_seconds <= 0:
             raise ValueError(f"crop_seconds must be positive or null, got {crop_seconds}")
         self.num_speakers = num_speakers
-        self.crop_seconds = crop_seconds
+        self.train_crop_seconds = crop_seconds  # TaskDataModule.dataset crops training reads by it
 
     def build_spec(self, train_records: list[Record]) -> dict[str, Any]:
         return {"num_speakers": self.num_speakers}
@@ -122,19 +123,6 @@ class SpeakerDiarizationData(TaskDataModule):
             if turns:
                 out[i, : len(turns)] = torch.tensor(turns)
         return out
-
-    def dataset(self, split: str) -> ManifestDataset:
-        if split not in self.records:
-            raise RuntimeError(f"{self.task}: split {split!r} is not set up (call setup first)")
-        return _CroppedSegments(
-            self.manifest(split),
-            self.records[split],
-            self.target,
-            on_bad_audio=self.on_bad_audio,
-            max_seconds=self.max_seconds,
-            crop_seconds=self.crop_seconds if split == "train" else None,
-            min_samples=self.min_samples,
-        )
 
 
 def frame_activity(turns: Tensor, num_frames: int, frame_rate: float, num_speakers: int) -> Tensor:
