@@ -83,11 +83,13 @@ class FakeRunner:
 
     def __init__(self, kill_at: int | None = None):
         self.calls: list[list[str]] = []
+        self.envs: list[dict[str, str]] = []
         self.kill_at = kill_at
         self.fits = 0
 
     def __call__(self, cmd, log, env):
         self.calls.append(cmd)
+        self.envs.append(env)
         sub = cmd[cmd.index("rewiring") + 1]
         if sub == "test":
             out = Path(_arg(cmd, "test_json"))
@@ -267,6 +269,17 @@ def test_rewiring_stage_runs_once_and_failures_are_reported(tmp_path, capsys):
     subs = [("rewire" if _arg(c, "model.init_args.export_dir") else c[3]) for c in runner.calls]
     assert subs == ["rewire", "fit", "test", "fit", "test"]
     assert (tmp_path / "rewired" / "mixed" / "config.json").exists()
+    capsys.readouterr()
+
+    # `threads` caps the runs (jobs share the machine); the rewiring stage runs alone on every core
+    args = _spec_args(tmp_path, name="t3", arms=["baseline", "mixed"], seeds=[0], threads=1,
+                      encoders_dir=str(tmp_path / "rewired3"))  # fmt: skip
+    runner = FakeRunner()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("OMP_NUM_THREADS", raising=False)
+        assert sw.run_sweep([*args, "--report", "false"], runner=runner) == 0
+    threads = [(bool(_arg(c, "model.init_args.export_dir")), e.get("OMP_NUM_THREADS")) for c, e in zip(runner.calls, runner.envs)]
+    assert threads == [(True, None), (False, "1"), (False, "1"), (False, "1"), (False, "1")]
     capsys.readouterr()
 
     def failing(cmd, log, env):

@@ -158,9 +158,11 @@ class Sweep:
         self._t0 = time.monotonic()
 
     # -- helpers
-    def env(self) -> dict[str, str]:
+    def env(self, capped: bool = True) -> dict[str, str]:
+        """The runs' environment: `threads` OMP/MKL threads each when `capped` (`jobs` runs share the
+        machine); the rewiring stage runs alone and keeps torch's default (every core)."""
         env = dict(os.environ)
-        if self.spec.threads:
+        if capped and self.spec.threads:
             for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 env[k] = str(self.spec.threads)
         return env
@@ -236,7 +238,7 @@ class Sweep:
             cmd = rewire_command(self.spec, arm)
         self.print(f"rewiring {arm}: {shlex.join(cmd[2:])}")
         t0 = time.monotonic()
-        rc = self.runner(self._srun(False) + cmd, log_dir.parent / f"{arm}.log", self.env())
+        rc = self.runner(self._srun(False) + cmd, log_dir.parent / f"{arm}.log", self.env(capped=False))
         ok = rc == 0 and encoder_ready(self.spec, arm)
         what = f"encoder in {self.spec.encoder_dir(arm)}" if ok else f"FAILED (exit {rc})"
         self.print(f"rewiring {arm}: {what}, {time.monotonic() - t0:.0f}s")

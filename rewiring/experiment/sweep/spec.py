@@ -47,7 +47,8 @@ class SweepSpec:
         runs_dir: the root of all runs.
         report_dir: where the report goes; default reports/<name>.
         jobs: runs at once (a thread pool over subprocesses); 1 = one after another.
-        threads: OMP/MKL threads per process (unset: torch's default).
+        threads: OMP/MKL threads per run process (unset: torch's default); the rewiring stages, one at a
+            time, always keep torch's default.
         srun: inside a SLURM job, start each fit under `srun` (one DDP rank per task).
         slurm: `#SBATCH --key=value` lines for the runs' job array (partition, time, gpus-per-node...).
         rewire_slurm: the same for the rewiring stage's job array; default: `slurm`.
