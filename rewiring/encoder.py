@@ -444,19 +444,22 @@ class SpeechEncoder(nn.Module):
         frame_mask = torch.arange(n_frames, device=x.device)[None, :] < self.frame_lengths(lengths).to(x.device)[:, None]
         return hidden_states, frame_mask
 
-    def combine(self, hidden_states: tuple[Tensor, ...] | list[Tensor], frame_mask: Tensor) -> EncoderOutput:
+    def combine(self, hidden_states: Tensor | tuple[Tensor, ...] | list[Tensor], frame_mask: Tensor) -> EncoderOutput:
         """The chosen features (a layer, the average, or the learned weighted sum) and their pooled
-        vectors, from hidden states computed now or read from a feature cache."""
-        hidden_states = tuple(hidden_states)
+        vectors, from hidden states computed now or read from a feature cache: a sequence of [B, F, D]
+        tensors, or one [L, B, F, D] tensor (the cache's batches: no stacking copy)."""
+        stacked = hidden_states if isinstance(hidden_states, Tensor) else None
+        hidden_states = tuple(hidden_states.unbind(0)) if stacked is not None else tuple(hidden_states)
         if len(hidden_states) != self.num_hidden_states:
             raise ValueError(f"expected {self.num_hidden_states} hidden states, got {len(hidden_states)}")
         if self.layers == "last":
             features = hidden_states[-1]
         elif self.layers == "average":
-            features = torch.stack(hidden_states).mean(0)
+            features = (stacked if stacked is not None else torch.stack(hidden_states)).mean(0)
         elif self.layers == "weighted":
             weights = torch.softmax(self.layer_weights, dim=0).to(hidden_states[0].dtype)
-            features = torch.einsum("l,lbfd->bfd", weights, torch.stack(hidden_states))
+            stacked = stacked if stacked is not None else torch.stack(hidden_states)
+            features = torch.einsum("l,lbfd->bfd", weights, stacked)
         else:
             features = hidden_states[self.layers]
         return EncoderOutput(

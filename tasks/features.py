@@ -45,6 +45,7 @@ from rewiring.audio import SAMPLE_RATE, AudioError, Reason, Skipped, load_audio
 from rewiring.feature_fill import FillReport, fill
 from rewiring.features import (
     GB,
+    Entry,
     FeatureCacheError,
     FeatureStore,
     Utterance,
@@ -97,9 +98,9 @@ class FeatureBatch:
     def __len__(self) -> int:
         return self.hidden.shape[1]
 
-    def hidden_states(self, dtype: torch.dtype = torch.float32) -> tuple[Tensor, ...]:
-        """num_hidden_states tensors [B, F, D], as `SpeechEncoder.hidden` returns them."""
-        return tuple(self.hidden.to(dtype).unbind(0))
+    def hidden_states(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The hidden states [L, B, F, D] in `dtype`, stacked as `SpeechEncoder.combine` takes them."""
+        return self.hidden.to(dtype)
 
 
 class FeatureCollate:
@@ -144,7 +145,14 @@ class FeatureDataset(Dataset):
     ``on_bad_audio: error``.
     """
 
+    # Entries stay in memory once read and checked (up to this many bytes a dataset): an epoch of a
+    # low-resource split re-reads the same few files, and the read and its CRC cost a step as much
+    # as the head's forward does. Each loader worker keeps its own.
+    memo_bytes: int = 2 * GB
+
     def __init__(self, live: ManifestDataset, cache: FeatureCache) -> None:
+        self._memo: dict[int, Entry] = {}
+        self._memo_size = 0
         self.live = live
         self.store = cache.store
         self.paths = [str(audio_path(live.manifest, r)) for r in live.records]
@@ -174,12 +182,20 @@ class FeatureDataset(Dataset):
             return self._bad(i, e.code, e.reason)
         return self._bad(i, "bad_audio", f"no feature cache entry ({error})")
 
+    def _read(self, i: int, key: str) -> Entry:
+        entry = self.store.read(key)
+        size = entry.hidden.numel() * entry.hidden.element_size()
+        if self._memo_size + size <= self.memo_bytes:
+            self._memo[i] = entry
+            self._memo_size += size
+        return entry
+
     def __getitem__(self, i: int) -> FeatureItem | Skipped:
         rec, key = self.live.records[i], self.keys[i]
         if key is None:  # the fill skipped the file (its reason code), or it is not in the cache
             return self._bad(i, *self.reasons.get(self.sources[i], ("bad_audio", "not in the feature cache")))
         try:
-            entry = self.store.read(key)
+            entry = self._memo.get(i) or self._read(i, key)
         except FeatureCacheError as e:
             if self.store.path(key).exists():
                 self.store.remove(key)

@@ -69,6 +69,22 @@ def test_layer_choices():
     assert torch.equal(outs[0].features, hs[0]) and torch.equal(outs[2].features, hs[2])
     assert torch.equal(outs[-1].features, hs[-1]) and torch.equal(outs["last"].features, hs[-1])
     assert torch.allclose(outs["weighted"].features, outs["average"].features, atol=1e-6)  # uniform at init
+    # the feature cache hands combine one stacked [L, B, F, D] tensor: the same features and gradients
+    stacked, mask = torch.stack(hs), outs["last"].frame_mask
+    for layers in (0, -1, "last", "average", "weighted"):
+        enc = SpeechEncoder(SMALL, layers=layers)
+        if layers == "weighted":
+            enc.layer_weights.data = torch.randn(len(hs))
+        results = []
+        for given in (hs, stacked):
+            enc.zero_grad()
+            out = enc.combine(given, mask)
+            out.pooled.square().sum().backward() if layers == "weighted" else None
+            grad = enc.layer_weights.grad if layers == "weighted" else None
+            results.append((out.features, out.pooled, None if grad is None else grad.clone(), len(out.hidden_states)))
+        (f1, p1, g1, n1), (f2, p2, g2, n2) = results
+        assert torch.allclose(f1, f2, atol=1e-6) and torch.allclose(p1, p2, atol=1e-6) and n1 == n2 == len(hs)
+        assert (g1 is None and g2 is None) if layers != "weighted" else torch.allclose(g1, g2, atol=1e-6)
     for bad in (3, -4, "first", True):
         with pytest.raises(ValueError):
             SpeechEncoder(SMALL, layers=bad)

@@ -433,6 +433,29 @@ def test_bad_audio_and_bad_entries_are_skipped_as_live_does(task_cli, tiny_corpu
         ds[i]
 
 
+def test_entries_are_read_and_checked_once_then_kept_in_memory(task_cli, tiny_corpus, tmp_path, monkeypatch):
+    """An epoch re-reads the same files: the second read of an entry comes from memory, equal to the
+    file's; past `memo_bytes` entries are read from disk each time."""
+    cli, _ = _fit(task_cli, "ks", tiny_corpus, f"--model.init_args.feature_cache={tmp_path / 'features'}")
+    ds = cli.datamodule.train_dataloader().dataset
+    reads = []
+    read = ds.store.read
+    monkeypatch.setattr(ds.store, "read", lambda key: reads.append(key) or read(key))
+    first = [ds[i].hidden.clone() for i in range(len(ds))]
+    assert len(reads) == len(ds)
+    again = [ds[i].hidden for i in range(len(ds))]
+    assert len(reads) == len(ds) and all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    small = cli.datamodule.train_dataloader().dataset
+    monkeypatch.setattr(small.store, "read", lambda key: reads.append(key) or read(key))
+    one = small.store.read(small.keys[0]).hidden
+    small.memo_bytes = one.numel() * one.element_size()  # room for entry 0 only
+    reads.clear()
+    for _ in range(2):
+        for i in range(len(small)):
+            small[i]
+    assert reads.count(small.keys[0]) == 1 and reads.count(small.keys[1]) == 2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("task", ["ks", "ic", "sid", "asr", "sf", "sd"])
 def test_a_cached_run_gives_the_live_training_curve(task, task_cli, tiny_corpus, tmp_path, layer_norm_config):
