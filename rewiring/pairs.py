@@ -240,7 +240,7 @@ class PairCollate:
         good = [it for it in items if isinstance(it, dict)]
         skipped = [(it.id, it.code) for it in items if isinstance(it, Skipped)]
         out = {"ids": [it["id"] for it in good], "skipped": skipped, "size": len(good)}
-        if len(good) >= 2:
+        if good:  # one pair is worth sending: under DDP the other ranks' pairs are its negatives
             out["view1"] = self._view([it["view1"] for it in good])
             out["view2"] = self._view([it["view2"] for it in good])
             out["n_neutral"] = sum(it["kind"] == "neutral" for it in good)

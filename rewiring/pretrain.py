@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers import Wav2Vec2ForPreTraining
 from transformers.models.wav2vec2.modeling_wav2vec2 import _compute_mask_indices, _sample_negative_indices
 
-from rewiring.audio import MIN_SAMPLES, BadAudio, Skipped, load_or_skip, pad_batch
+from rewiring.audio import MIN_SAMPLES, SAMPLE_RATE, BadAudio, Skipped, load_or_skip, pad_batch
 from rewiring.encoder import SpeechEncoder
 from rewiring.manifest import Record, audio_path, read_manifest
 from rewiring.pairs import resolve_manifest
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 class CropDataset(Dataset):
     """Unlabelled utterances, randomly cropped to at most `crop_seconds` (wav2vec 2.0 trains on crops).
+    The window is drawn from the manifest's duration and only it is decoded, so a long recording
+    costs no more memory than a short one (the bad-audio checks then see the window).
 
     An item is (id, waveform), or a `Skipped` (with the id) for bad audio; ``min_samples`` is the
     encoder's receptive field (`UnlabelledDataModule.set_min_samples`).
@@ -39,7 +41,7 @@ class CropDataset(Dataset):
 
     def __init__(self, manifest: Path, records: list[Record], crop_seconds: float, on_bad_audio: BadAudio) -> None:
         self.manifest, self.records = manifest, records
-        self.crop = int(crop_seconds * 16000)
+        self.crop = int(crop_seconds * SAMPLE_RATE)
         self.on_bad_audio = on_bad_audio
         self.min_samples = MIN_SAMPLES
 
@@ -48,13 +50,15 @@ class CropDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[str, Tensor] | Skipped:
         rec = self.records[i]
-        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, record=rec, min_samples=self.min_samples)
+        window = {}
+        if rec.duration * SAMPLE_RATE > self.crop:  # decode the crop only: a long file costs its window
+            seconds = self.crop / SAMPLE_RATE
+            window = {"offset": float(torch.rand(())) * (rec.duration - seconds), "duration": seconds}
+        wav = load_or_skip(audio_path(self.manifest, rec), self.on_bad_audio, record=rec,
+                           min_samples=self.min_samples, **window)  # fmt: skip
         if isinstance(wav, Skipped):
             return wav.named(rec.id)
-        if wav.shape[-1] > self.crop:
-            start = int(torch.randint(0, wav.shape[-1] - self.crop + 1, ()).item())
-            wav = wav[start : start + self.crop]
-        return rec.id, wav
+        return rec.id, wav[: self.crop]
 
 
 def _collate(items: list[tuple[str, Tensor] | Skipped]) -> dict:

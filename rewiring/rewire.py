@@ -70,7 +70,8 @@ class RewiringModule(SkippableSteps, LightningModule):
 
     Skipped utterances are counted per reason (rewiring.skips): ``data/skipped/train/<reason>`` in
     TensorBoard, the ``skipped`` section of rewiring.json (and convergence.json), a warning at the
-    end. A batch with fewer than two pairs left takes a step without an update.
+    end. A batch with fewer than two pairs left (in the global batch, under DDP) takes a step without
+    an update.
 
     Args:
         encoder: the SpeechEncoder being rewired (every parameter trained unless its config freezes some).
@@ -139,11 +140,26 @@ class RewiringModule(SkippableSteps, LightningModule):
         pooled = masked_mean(frames, out.frame_mask)
         return self.projection(pooled) if self.projection is not None else pooled
 
-    def _gather(self, z: Tensor) -> Tensor:
-        """Under DDP, every rank's embeddings, with gradients, so negatives come from the global batch."""
+    def _pair_counts(self, n: int) -> Tensor:
+        """The pairs of this step on every rank ([world_size] long): a collective under DDP, so that
+        every rank makes the same choice (skip, or gather) even when bad audio left them uneven."""
         if self.trainer is None or self.trainer.world_size == 1:
+            return torch.tensor([n])
+        return self.all_gather(torch.tensor(n, device=self.device)).reshape(-1).cpu()
+
+    def _gather(self, z: Tensor, counts: Tensor) -> Tensor:
+        """Under DDP, every rank's embeddings, with gradients, so negatives come from the global batch:
+        padded to the largest rank's count for the collective, then the padding dropped."""
+        if counts.numel() == 1:
             return z
-        return self.all_gather(z, sync_grads=True).flatten(0, 1)
+        width = int(counts.max())
+        padded = F.pad(z.float(), (0, 0, 0, width - z.shape[0]))
+        gathered = self.all_gather(padded, sync_grads=True)  # [world_size, width, D]
+        valid = torch.arange(width)[None, :] < counts[:, None]
+        return gathered[valid.to(gathered.device)]
+
+    def _embedding_dim(self) -> int:
+        return self.projection[-1].out_features if self.projection is not None else self.encoder.hidden_size
 
     def setup(self, stage: str) -> None:
         """Hand the encoder's frame layout and receptive field to the data module (before Lightning
@@ -177,15 +193,23 @@ class RewiringModule(SkippableSteps, LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         self.skips.update("train", batch["ids"], batch["skipped"])
-        if batch["size"] < 2:
+        n = batch["size"]
+        counts = self._pair_counts(n)
+        if int(counts.sum()) < 2:
             return self.skip_step()  # nothing to contrast: a step without an update (rewiring.skips)
-        z1 = self._gather(self.embed(batch["view1"]))
-        z2 = self._gather(self.embed(batch["view2"]))
+        if n > 0:
+            z1, z2 = self.embed(batch["view1"]), self.embed(batch["view2"])
+        else:  # every item of this rank's batch was bad: the others' pairs still make the step
+            # tied to every parameter (zero), so this rank's backward joins the gather's collective
+            # and DDP sees a gradient for each parameter
+            z1 = z2 = torch.zeros(0, self._embedding_dim(), device=self.device) + self.skip_step()
+        z1, z2 = self._gather(z1, counts), self._gather(z2, counts)
         loss, acc = nt_xent(z1, z2, self.temperature)
         self.log("train/loss", loss, prog_bar=True, batch_size=z1.shape[0])
         self.log("train/match_acc", acc, prog_bar=True, batch_size=z1.shape[0])
         self._history.append((self.global_step, float(loss.detach()), float(acc), int(z1.shape[0])))
-        self.log("train/neutral_share", batch["n_neutral"] / batch["size"], batch_size=z1.shape[0])
+        if n > 0:
+            self.log("train/neutral_share", batch["n_neutral"] / n, batch_size=z1.shape[0])
         # Pairs in the contrastive batch: the global batch under DDP (each anchor has 2n-2 negatives).
         self.log("train/contrast_pairs", float(z1.shape[0]), batch_size=z1.shape[0])
         return loss

@@ -229,6 +229,7 @@ class TaskModule(SkippableSteps, LightningModule, ABC):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["task_spec"] = {"task": self.task, "spec": self.spec}
         checkpoint["skipped"] = self.skips.state()  # a resumed fit goes on counting
+        checkpoint["nonfinite_losses"] = self.nonfinite_losses
         if self.leaves_out_encoder():
             state = checkpoint["state_dict"]
             keys = [k for k in state if k.startswith(self.FROZEN_PREFIX)]
@@ -256,6 +257,7 @@ class TaskModule(SkippableSteps, LightningModule, ABC):
         if frozen is not None:
             self._restore_frozen_encoder(checkpoint, frozen)
         self.skips.load(checkpoint.get("skipped"))
+        self.nonfinite_losses = int(checkpoint.get("nonfinite_losses", 0))
 
     def _restore_frozen_encoder(self, checkpoint: dict[str, Any], frozen: dict[str, Any]) -> None:
         """Put this module's own encoder weights where the checkpoint left them out, once their

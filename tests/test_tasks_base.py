@@ -148,6 +148,11 @@ def test_nonfinite_loss_is_counted_and_skipped():
     model._batch_skipped = False
     empty = model.training_step(SkippedBatch([("u0", "too_short")]), 1)  # a batch of only bad audio
     assert empty.detach().item() == 0.0 and empty.requires_grad and model._batch_skipped
+    ckpt: dict = {}
+    model.on_save_checkpoint(ckpt)  # a resumed fit goes on counting
+    resumed = toy_module()
+    resumed.on_load_checkpoint(ckpt)
+    assert resumed.nonfinite_losses == 1
 
 
 def test_spec_saved_in_checkpoint_and_checked_on_load():
