@@ -185,6 +185,12 @@ def summarize(
 
 
 # ---------------------------------------------------------------------------- callbacks
+def _run_notes(pl_module: pl.LightningModule) -> dict[str, str]:
+    """A module's own notes on how the run went (`run_notes()`, e.g. a task's feature cache on or off)."""
+    notes = getattr(pl_module, "run_notes", None)
+    return dict(notes()) if callable(notes) else {}
+
+
 class ConvergenceCallback(Callback):
     """Records the dev curve of the task's primary metric and writes convergence.json at the end of fit.
 
@@ -333,6 +339,7 @@ class ConvergenceCallback(Callback):
             **summary,
             "curve": asdict(self.curve),
             **({"skipped": skipped} if skipped is not None else {}),
+            **({"notes": notes} if (notes := _run_notes(pl_module)) else {}),
             "checkpoint": {
                 "best": _rel(getattr(ckpt, "best_model_path", "") or None, out_dir),
                 "last": _rel(getattr(ckpt, "last_model_path", "") or None, out_dir),

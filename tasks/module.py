@@ -170,6 +170,15 @@ class TaskModule(SkippableSteps, LightningModule, ABC):
             return self.encoder.combine(batch.hidden_states(self.encoder.layer_weights.dtype), batch.frame_mask)
         return self.encoder(batch.waveforms, batch.attention_mask)
 
+    def run_notes(self) -> dict[str, str]:
+        """How this run got its features, for convergence.json's ``notes`` (a sweep's progress line
+        says when a run encoded live, and why: several times slower, e.g. on a nearly full disk)."""
+        datamodule = self._trainer.datamodule if self._trainer is not None else None
+        cache = getattr(datamodule, "features", None)
+        if cache is None or not cache.opened:
+            return {}
+        return {"feature_cache": "on" if cache.store is not None else f"off: {cache.reason}"}
+
     def metrics(self, stage: Stage) -> MetricCollection | None:
         return {"val": self.val_metrics, "test": self.test_metrics}.get(stage)
 

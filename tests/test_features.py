@@ -355,7 +355,7 @@ def test_size_estimate_and_limits(tmp_path, tiny_corpus, monkeypatch):
 def test_superb_runs_read_the_cache_and_finetune_never_does(task_cli, tiny_corpus, tmp_path, capsys):
     cache = tmp_path / "features"
     cli, rec = _fit(task_cli, "ks", tiny_corpus, f"--model.init_args.feature_cache={cache}")
-    assert rec.types == ["FeatureBatch"]
+    assert rec.types == ["FeatureBatch"] and cli.model.run_notes() == {"feature_cache": "on"}
     assert "[ks] feature cache" in capsys.readouterr().out
     n = len({F.audio_key(audio_path(tiny_corpus / "ks" / f"{s}.jsonl", r))
              for s in ("train", "dev", "test") for r in read_manifest(tiny_corpus / "ks" / f"{s}.jsonl")})  # fmt: skip
@@ -366,7 +366,7 @@ def test_superb_runs_read_the_cache_and_finetune_never_does(task_cli, tiny_corpu
     # live is one option away, and finetune never reads the cache
     for args in (["--model.init_args.feature_cache=null"], ["--model.init_args.protocol=finetune"]):
         cli, rec = _fit(task_cli, "ks", tiny_corpus, f"--model.init_args.feature_cache={tmp_path / 'unused'}", *args)
-        assert rec.types == ["TaskBatch"] and cli.datamodule.features is None
+        assert rec.types == ["TaskBatch"] and cli.datamodule.features is None and cli.model.run_notes() == {}
     assert not (tmp_path / "unused").exists()
 
 
@@ -393,6 +393,8 @@ def test_above_max_gb_the_run_encodes_live(task_cli, tiny_corpus, tmp_path, caps
     out = capsys.readouterr().out
     assert "feature cache off, encoding live" in out and "above max_gb=1e-06" in out
     assert rec.types == ["TaskBatch"] and not list(cache.glob("**/*.safetensors"))
+    # convergence.json notes it, and a sweep's progress line says so
+    assert cli.model.run_notes()["feature_cache"].startswith("off: estimated") and "above max_gb" in cli.model.run_notes()["feature_cache"]
 
 
 def test_a_fill_that_fails_leaves_the_run_live(task_cli, tiny_corpus, tmp_path, capsys, monkeypatch):

@@ -776,3 +776,8 @@ def test_describe_reads_run_files(tmp_path):
     (tmp_path / "test.json").write_text(json.dumps({"metrics": {"test/wer": 0.45}}))
     assert runners.describe(tmp_path) == "val/wer 0.4123 (best 0.4 @ 60), test/wer 0.45"
     assert runners.describe(tmp_path / "nothing") == "no metrics"
+    conv = json.loads((tmp_path / "convergence.json").read_text())
+    (tmp_path / "convergence.json").write_text(json.dumps({**conv, "notes": {"feature_cache": "on"}}))
+    assert runners.describe(tmp_path) == "val/wer 0.4123 (best 0.4 @ 60), test/wer 0.45"
+    (tmp_path / "convergence.json").write_text(json.dumps({**conv, "notes": {"feature_cache": "off: 1 GB free"}}))
+    assert runners.describe(tmp_path).endswith("test/wer 0.45, ENCODED LIVE (feature cache off: 1 GB free)")

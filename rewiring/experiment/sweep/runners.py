@@ -407,6 +407,9 @@ def describe(run_dir: Path) -> str:
             v = json.loads(test.read_text()).get("metrics", {}).get(name)
             if v is not None:
                 parts.append(f"{name} {v:.4g}")
+        cache = c.get("notes", {}).get("feature_cache", "")
+        if cache.startswith("off"):
+            parts.append(f"ENCODED LIVE (feature cache {cache})")
     return ", ".join(parts) or "no metrics"
 
 
