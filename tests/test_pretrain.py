@@ -51,15 +51,14 @@ def test_missing_tiny_encoder_says_how_to_make_it(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_rewiring_gathers_negatives_across_processes(unlabelled, tmp_path):
-    """Two CPU processes (gloo), 3 pairs each: the contrastive batch must hold all 6 pairs."""
-    logs = tmp_path / "csv"
+def _ddp_rewiring(manifest: Path, logs: Path, *extra: str) -> list[float]:
+    """A twin rewiring fit on two CPU processes (gloo), 3 pairs a rank; the logged contrast_pairs."""
     cmd = [
         sys.executable, "-m", "rewiring", "fit",
         "--config", "conf/base.yaml",
         "--config", "conf/encoder/tiny-random.yaml",
         "--config", "conf/stages/rewire.yaml",
-        f"--data.init_args.manifest={unlabelled}",
+        f"--data.init_args.manifest={manifest}",
         "--data.init_args.pairing=twin",
         "--data.init_args.num_workers=0",
         "--data.init_args.batch_size=3",
@@ -69,17 +68,22 @@ def test_ddp_rewiring_gathers_negatives_across_processes(unlabelled, tmp_path):
         "--trainer.accelerator=cpu",
         "--trainer.devices=2",
         "--trainer.strategy=ddp",
-        "--trainer.max_steps=2",
         "--trainer.log_every_n_steps=1",
         "--trainer.enable_progress_bar=false",
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
         f"--trainer.logger.init_args.save_dir={logs}",
+        *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     (metrics,) = logs.rglob("metrics.csv")
-    pairs = [float(r["train/contrast_pairs"]) for r in csv.DictReader(open(metrics)) if r.get("train/contrast_pairs")]
+    return [float(r["train/contrast_pairs"]) for r in csv.DictReader(open(metrics)) if r.get("train/contrast_pairs")]
+
+
+def test_ddp_rewiring_gathers_negatives_across_processes(unlabelled, tmp_path):
+    """Two CPU processes (gloo), 3 pairs each: the contrastive batch must hold all 6 pairs."""
+    pairs = _ddp_rewiring(unlabelled, tmp_path / "csv", "--trainer.max_steps=2")
     assert pairs and all(p == 6.0 for p in pairs), pairs
 
 
@@ -98,33 +102,7 @@ def test_ddp_rewiring_with_uneven_skips_gathers_what_each_rank_has(unlabelled, t
     records += [Record(id=f"silent{i}", audio=str(tmp_path / "silent.wav"), duration=1.0) for i in range(7)]
     manifest = tmp_path / "uneven.jsonl"
     write_manifest(manifest, records)
-    logs = tmp_path / "csv"
-    cmd = [
-        sys.executable, "-m", "rewiring", "fit",
-        "--config", "conf/base.yaml",
-        "--config", "conf/encoder/tiny-random.yaml",
-        "--config", "conf/stages/rewire.yaml",
-        f"--data.init_args.manifest={manifest}",
-        "--data.init_args.pairing=twin",
-        "--data.init_args.num_workers=0",
-        "--data.init_args.batch_size=3",
-        "--data.init_args.bucket_by_length=false",
-        "--model.init_args.export_dir=null",
-        "--model.init_args.isotropy_manifest=null",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=2",
-        "--trainer.strategy=ddp",
-        "--trainer.max_epochs=3",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
-        f"--trainer.logger.init_args.save_dir={logs}",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (metrics,) = logs.rglob("metrics.csv")
-    pairs = [float(r["train/contrast_pairs"]) for r in csv.DictReader(open(metrics)) if r.get("train/contrast_pairs")]
+    pairs = _ddp_rewiring(manifest, tmp_path / "csv", "--trainer.max_epochs=3")
     # 5 good utterances over 2 ranks x 2 batches of 3 an epoch: some steps' totals are odd (the
     # ranks held different counts), and none is above the 5 there are
     assert pairs and any(p % 2 for p in pairs) and all(2 <= p <= 5 for p in pairs), pairs
