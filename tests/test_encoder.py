@@ -79,7 +79,8 @@ def test_layer_choices():
         for given in (hs, stacked):
             enc.zero_grad()
             out = enc.combine(given, mask)
-            out.pooled.square().sum().backward() if layers == "weighted" else None
+            if layers == "weighted":
+                out.pooled.square().sum().backward()
             grad = enc.layer_weights.grad if layers == "weighted" else None
             results.append((out.features, out.pooled, None if grad is None else grad.clone(), len(out.hidden_states)))
         (f1, p1, g1, n1), (f2, p2, g2, n2) = results

@@ -268,29 +268,33 @@ UNLABELLED_LINE = ("train: 10 of 15 utterances used "
                    "(5 skipped: 1 not_found, 1 too_long, 1 too_short, 1 truncated, 1 unreadable)")  # fmt: skip
 
 
+def _stage_fit(stage: str, manifest: Path, export: Path, tmp_path: Path, *extra: str):
+    """A fit of conf/stages/<stage>.yaml on the tiny random encoder: one epoch of the 14 items in pairs."""
+    return cli_main(
+        [
+            "fit",
+            "--config", f"{REPO}/conf/base.yaml",
+            "--config", f"{REPO}/conf/encoder/tiny-random.yaml",
+            "--config", f"{REPO}/conf/stages/{stage}.yaml",
+            f"--data.init_args.manifest={manifest}",
+            "--data.init_args.num_workers=0",
+            "--data.init_args.batch_size=2",
+            f"--model.init_args.export_dir={export}",
+            f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
+            "--trainer.max_steps=7",
+            "--trainer.enable_progress_bar=false",
+            *extra,
+        ]
+    )  # fmt: skip
+
+
 def test_a_rewiring_fit_counts_skips(unlabelled, tmp_path, caplog):
     manifest = _unlabelled_with_bad_audio(unlabelled, tmp_path)
     with caplog.at_level(logging.WARNING, logger="rewiring.skips"):
-        cli = cli_main(
-            [
-                "fit",
-                "--config", f"{REPO}/conf/base.yaml",
-                "--config", f"{REPO}/conf/encoder/tiny-random.yaml",
-                "--config", f"{REPO}/conf/stages/rewire.yaml",
-                f"--data.init_args.manifest={manifest}",
-                "--data.init_args.pairing=twin",
-                "--data.init_args.num_workers=0",
-                "--data.init_args.batch_size=2",
-                "--data.init_args.max_seconds=15",
-                f"--model.init_args.export_dir={tmp_path / 'export'}",
-                "--model.init_args.isotropy_manifest=null",
-                f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-                "--trainer.logger.init_args.version=run",
-                "--trainer.max_steps=7",  # one epoch: 14 items in pairs
-                "--trainer.log_every_n_steps=2",
-                "--trainer.enable_progress_bar=false",
-            ]
-        )  # fmt: skip
+        cli = _stage_fit("rewire", manifest, tmp_path / "export", tmp_path,
+                         "--data.init_args.pairing=twin", "--data.init_args.max_seconds=15",
+                         "--model.init_args.isotropy_manifest=null", "--trainer.logger.init_args.version=run",
+                         "--trainer.log_every_n_steps=2")  # fmt: skip
     assert cli.trainer.global_step == 7 and cli.trainer.current_epoch == 1
     summary = json.loads((tmp_path / "export" / "rewiring.json").read_text())
     assert summary["skipped"] == UNLABELLED_EXPECTED
@@ -309,22 +313,7 @@ def test_a_pretraining_fit_counts_skips(unlabelled, tmp_path, caplog):
     records = [r for r in read_manifest(manifest) if r.id != "u-long"]  # pre-training has no max_seconds
     write_manifest(manifest, records)
     with caplog.at_level(logging.WARNING, logger="rewiring.skips"):
-        cli = cli_main(
-            [
-                "fit",
-                "--config", f"{REPO}/conf/base.yaml",
-                "--config", f"{REPO}/conf/encoder/tiny-random.yaml",
-                "--config", f"{REPO}/conf/stages/pretrain.yaml",
-                f"--data.init_args.manifest={manifest}",
-                "--data.init_args.num_workers=0",
-                "--data.init_args.batch_size=2",
-                f"--model.init_args.export_dir={tmp_path / 'tiny'}",
-                f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}",
-                "--trainer.max_steps=7",  # one epoch: 14 utterances in pairs
-                "--trainer.log_every_n_steps=1",
-                "--trainer.enable_progress_bar=false",
-            ]
-        )  # fmt: skip
+        cli = _stage_fit("pretrain", manifest, tmp_path / "tiny", tmp_path, "--trainer.log_every_n_steps=1")
     assert cli.trainer.global_step == 7
     expected = {"utterances": 14, "drawn": 14, "used": 10,
                 "skipped": {"not_found": 1, "too_short": 1, "truncated": 1, "unreadable": 1}}  # fmt: skip

@@ -278,7 +278,8 @@ def test_rewiring_stage_runs_once_and_failures_are_reported(tmp_path, capsys):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("OMP_NUM_THREADS", raising=False)
         assert sw.run_sweep([*args, "--report", "false"], runner=runner) == 0
-    threads = [(bool(_arg(c, "model.init_args.export_dir")), e.get("OMP_NUM_THREADS")) for c, e in zip(runner.calls, runner.envs)]
+    threads = [(bool(_arg(c, "model.init_args.export_dir")), e.get("OMP_NUM_THREADS"))
+               for c, e in zip(runner.calls, runner.envs, strict=True)]  # fmt: skip
     assert threads == [(True, None), (False, "1"), (False, "1"), (False, "1"), (False, "1")]
     capsys.readouterr()
 
