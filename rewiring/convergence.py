@@ -365,7 +365,7 @@ class ConvergenceCallback(Callback):
             "fast_dev_run: nothing written"
             if trainer.fast_dev_run
             # the logger's own folder: trainer.log_dir is a collective under DDP, and only rank 0 prints
-            else f"run folder {getattr(trainer.logger, 'log_dir', None) or trainer.default_root_dir}"
+            else f"run folder {_log_dir(trainer)}"
         )
         return f"{what}: {result}; {trainer.global_step} steps in {clock(self.elapsed())}; {where}"
 

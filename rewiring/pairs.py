@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from rewiring.audio import MIN_SAMPLES, BadAudio, BucketBatchSampler, Skipped, load_or_skip, pad_batch
 from rewiring.frames import FrameLayout
-from rewiring.manifest import Record, audio_path, read_manifest
+from rewiring.manifest import Record, audio_path, order_key, read_manifest
 from rewiring.masking import span_mask, time_masks
 from rewiring.resume import resumable_loader
 from rewiring.synthesis import SynthesisCache, SynthesisError, Synthesizer
@@ -326,7 +326,6 @@ class RewiringDataModule(LightningDataModule):
         self.prefill_workers = prefill_workers
         self.collate = PairCollate(mask_prob, mask_span, min_masks)
         self.dataset: PairDataset | None = None
-        self.skipped_long = 0
         self.too_long: list[str] = []  # ids of the run's utterances left out as over max_seconds
         self.min_samples = MIN_SAMPLES
 
@@ -350,13 +349,12 @@ class RewiringDataModule(LightningDataModule):
         if self.max_seconds is not None:
             kept = [r for r in records if r.duration <= self.max_seconds]
             self.too_long = [r.id for r in records if r.duration > self.max_seconds]
-            self.skipped_long = len(records) - len(kept)
-            if self.skipped_long:
-                log.warning("skipped %d utterances over %.2f s in %s", self.skipped_long, self.max_seconds, path)
+            if self.too_long:
+                log.warning("skipped %d utterances over %.2f s in %s", len(self.too_long), self.max_seconds, path)
             records = kept
         if self.max_items is not None and len(records) > self.max_items:
             # A fixed subset, the same on every machine: the items whose (seed, id) hashes lowest.
-            records = sorted(records, key=lambda r: hashlib.sha256(f"{self.seed}:{r.id}".encode()).digest())
+            records = sorted(records, key=lambda r: order_key(self.seed, r.id))
             records = sorted(records[: self.max_items], key=lambda r: r.id)
             self.too_long = []
         return path, records

@@ -304,9 +304,7 @@ class TaskModule(SkippableSteps, LightningModule, ABC):
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(batch))
         return loss
 
-    def _eval_step(self, batch: TaskBatch | FeatureBatch | SkippedBatch | None, stage: Stage) -> None:
-        if batch is None:
-            return
+    def _eval_step(self, batch: TaskBatch | FeatureBatch | SkippedBatch, stage: Stage) -> None:
         self._count(batch, stage)
         if len(batch) == 0:
             return

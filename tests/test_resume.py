@@ -352,6 +352,7 @@ def test_a_finished_pass_resumes_as_the_next_epoch():
     for name, make in makers.items():
         straight = make()
         first, second = list(straight), list(straight)
+        assert first != second, name  # a finished pass goes on to the next epoch's order
         killed = make()
         it = iter(killed)
         assert [next(it) for _ in range(len(first))] == first  # the last batch taken, none asked beyond

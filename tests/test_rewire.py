@@ -120,7 +120,7 @@ def test_length_rules_skip_and_halve(unlabelled, tmp_path):
     durations = sorted(it[0].duration for it in full.dataset.items)
     limit = durations[len(durations) // 2]
     skipped = _dm(unlabelled, "twin", tmp_path, max_seconds=limit)
-    assert skipped.skipped_long == sum(d > limit for d in durations)
+    assert len(skipped.too_long) == sum(d > limit for d in durations)
     halved = _dm(unlabelled, "neutral", tmp_path, halve_over=limit)
     n_long = sum(it[0].duration > limit for it in full.dataset.items)
     assert len(halved.dataset) == len(full.dataset) + n_long

@@ -9,13 +9,13 @@ dependencies.
 from __future__ import annotations
 
 import shlex
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
 
+from rewiring.experiment.sweep.commands import python
 from rewiring.experiment.sweep.spec import SweepSpec
 
 if TYPE_CHECKING:  # for the annotation only: runners does not import this module
@@ -42,7 +42,7 @@ def write_slurm(sweep: Sweep) -> Path:
     spec_file = d / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(asdict(spec), sort_keys=False))
     sweep.write_plan()
-    py = shlex.join([sys.executable, "-m", "rewiring", "sweep", "--config", str(spec_file)])
+    py = shlex.join([*python(), "sweep", "--config", str(spec_file)])
     missing = sweep.missing_encoders()
     submit = [
         "#!/bin/bash",
@@ -63,7 +63,7 @@ def write_slurm(sweep: Sweep) -> Path:
     body.append(f"{py} --index $SLURM_ARRAY_TASK_ID")
     (d / "runs.sbatch").write_text("\n".join(body) + "\n")
     report = shlex.join(
-        [sys.executable, "-m", "rewiring", "compare", str(spec.root), "--out", str(spec.report_path)]
+        [*python(), "compare", str(spec.root), "--out", str(spec.report_path)]
     )
     submit += [
         f"jid=$(sbatch --parsable $dep {d / 'runs.sbatch'})",
